@@ -1,0 +1,1 @@
+"""Execution backends for kvmfs (installed as kvmfs.backends)."""

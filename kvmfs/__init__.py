@@ -1,0 +1,1 @@
+"""kvmfs: the KVM API as a FUSE filesystem."""

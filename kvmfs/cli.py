@@ -1,0 +1,159 @@
+"""The ``kvmfs`` command: mount, unmount, and a few things to do with a mount."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import subprocess
+import sys
+import time
+
+LAYOUT = """\
+layout of a mount:
+  MOUNT/kvm            answers /dev/kvm's ioctls; KVM_CREATE_VM returns a VM number N
+  MOUNT/vm<N>/         appears for each live VM (mode 0700, owned by its creator)
+  MOUNT/vm<N>/vm       answers VM ioctls; KVM_CREATE_VCPU(I) returns I
+  MOUNT/vm<N>/vcpu<I>  answers vcpu ioctls; mmap it for struct kvm_run
+
+Ioctl numbers and structs are <linux/kvm.h>'s. A VM lives while its vm file,
+any of its vcpu files, or (until the vm file is first opened) the kvm handle
+that created it is open; then vm<N> disappears. VM numbers are never reused.
+"""
+
+MOUNT_TIMEOUT = 10.0
+
+
+class CliError(Exception):
+    """A message for the user; the command exits 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvmfs",
+        description="The KVM API as a filesystem: a FUSE daemon whose files answer KVM's ioctls.",
+        epilog=LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    mount = commands.add_parser(
+        "mount",
+        help="mount kvmfs (returns once mounted)",
+        epilog=LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mount.add_argument("mountpoint")
+    mount.add_argument(
+        "--foreground", "-f", action="store_true", help="serve in this process until unmounted"
+    )
+    mount.add_argument("--debug", action="store_true", help="log every FUSE request (implies --foreground)")
+    umount = commands.add_parser("umount", help="unmount a kvmfs mount")
+    umount.add_argument("mountpoint")
+    hello = commands.add_parser("hello", help="run the hello-world guest through a mount, in each CPU mode")
+    hello.add_argument("mountpoint")
+    bench = commands.add_parser("bench", help="measure a mount against /dev/kvm, bare unicorn and raw FUSE")
+    bench.add_argument("mountpoint")
+    bench.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "mount":
+            return _mount(args.mountpoint, foreground=args.foreground or args.debug, debug=args.debug)
+        if args.command == "umount":
+            return _umount(args.mountpoint)
+        if args.command == "hello":
+            from kvmfs import hello as hello_vmm
+
+            return hello_vmm.main(args.mountpoint)
+        from kvmfs import bench as benchmark
+
+        return benchmark.main(args.mountpoint, quick=args.quick)
+    except CliError as error:
+        print(f"kvmfs: {error}", file=sys.stderr)
+        return 1
+
+
+def _mount(mountpoint: str, *, foreground: bool, debug: bool) -> int:
+    mountpoint = os.path.abspath(mountpoint)
+    _check_mountpoint(mountpoint)
+    if foreground:
+        return _serve(mountpoint, debug)
+    # Start the daemon, wait until the mount answers, and leave it running.
+    command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", mountpoint]
+    daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise CliError(f"the daemon exited with status {daemon.returncode} before mounting {mountpoint}")
+        if is_kvmfs_mount(mountpoint) and os.path.exists(os.path.join(mountpoint, "kvm")):
+            print(f"kvmfs mounted at {mountpoint} (daemon pid {daemon.pid})")
+            return 0
+        time.sleep(0.02)
+    daemon.terminate()
+    raise CliError(f"timed out waiting for {mountpoint} to be mounted")
+
+
+def _serve(mountpoint: str, debug: bool) -> int:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmfs: %(message)s")
+    from kvmfs import fs  # imports pyfuse3 (after the ioctl shim)
+    from kvmfs.backends.unicorn_x86 import UnicornBackend
+    from kvmfs.objects import System
+
+    try:
+        fs.serve(System(UnicornBackend()), mountpoint, debug=debug)
+    except RuntimeError as error:  # pyfuse3: fuse_session_mount failed
+        raise CliError(
+            f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and are you root?)"
+        ) from None
+    return 0
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        raise CliError(f"{mountpoint} does not exist: create it with `mkdir -p {mountpoint}`") from None
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise CliError(
+                f"{mountpoint} is a stale FUSE mount (its daemon is gone): "
+                f"run `kvmfs umount {mountpoint}` first"
+            ) from None
+        raise CliError(f"cannot use {mountpoint}: {error.strerror}") from None
+    if is_kvmfs_mount(mountpoint):
+        raise CliError(f"kvmfs is already mounted at {mountpoint}: run `kvmfs umount {mountpoint}` first")
+    if os.path.ismount(mountpoint):
+        raise CliError(f"{mountpoint} is already a mount point: unmount it or choose another directory")
+    if not os.path.isdir(mountpoint):
+        raise CliError(f"{mountpoint} is not a directory")
+
+
+def is_kvmfs_mount(mountpoint: str) -> bool:
+    with open("/proc/self/mounts") as mounts:
+        return any(
+            line.split()[1] == mountpoint and line.split()[2] == "fuse.kvmfs"
+            for line in mounts
+            if line.strip()
+        )
+
+
+def _umount(mountpoint: str) -> int:
+    mountpoint = os.path.abspath(mountpoint)
+    if not is_kvmfs_mount(mountpoint):
+        raise CliError(f"{mountpoint} is not a kvmfs mount")
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        if "busy" in result.stderr:
+            raise CliError(
+                f"{mountpoint} is busy: close the files open in it (`fuser -vm {mountpoint}` lists who), "
+                f"or detach it now with `umount -l {mountpoint}`"
+            )
+        # A stale mount whose daemon died: a lazy unmount always works for root.
+        result = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CliError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

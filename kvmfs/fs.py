@@ -1,0 +1,461 @@
+"""The filesystem: KVM's object hierarchy as files, served with pyfuse3 on trio.
+
+    MOUNT/kvm            the system: /dev/kvm's ioctls         (0666)
+    MOUNT/vm<N>/         one directory per live VM              (0700, the creator's)
+    MOUNT/vm<N>/vm       the VM: VM ioctls                      (0600)
+    MOUNT/vm<N>/vcpu<I>  one inode per vcpu: vcpu ioctls, mmap  (0600)
+
+This layer only translates: inodes and handles to objects, FUSE requests to
+calls on kvmfs.objects, and answers back. Quick ioctls are answered in the trio
+thread; blocking ones (KVM_RUN) and those that touch the caller's memory run in
+a worker thread, and a FUSE interrupt (the client got a signal) kicks the vcpu.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import logging
+import os
+import signal
+import stat
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmfs import ioctl_shim  # before pyfuse3: it adds the ioctl operation
+
+from kvmfs.ioctl_shim import IoctlRequest  # isort: skip
+
+import pyfuse3
+import trio
+
+from kvmfs import abi, procmem
+from kvmfs.objects import (
+    SYSTEM_IOCTLS,
+    VCPU_IOCTLS,
+    VCPU_MMAP_SIZE,
+    VM_IOCTLS,
+    Handler,
+    Ioctl,
+    KvmError,
+    Reply,
+    System,
+    SystemHandle,
+    Vcpu,
+    Vm,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+KVM_INODE = ROOT_INODE + 1
+CACHE_TIMEOUT = 300.0  # entries are invalidated explicitly when a VM dies
+KVM_RUN_SYNC_SIZE = (abi.KVM_PIO_PAGE_OFFSET + 1) * abi.PAGE_SIZE  # kvm_run and the PIO data page
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode: ``kind`` is root, kvm, vmdir, vm or vcpu."""
+
+    inode: int
+    kind: str
+    vm: Vm | None = None
+    vcpu: Vcpu | None = None
+
+
+@dataclass(eq=False)
+class VmHandle:
+    """An open ``vm`` file: holds its VM."""
+
+    vm: Vm
+
+
+@dataclass(eq=False)
+class VcpuHandle:
+    """An open vcpu file: holds its VM, as the kernel's vcpu file holds the VM file."""
+
+    vcpu: Vcpu
+
+
+Handle = SystemHandle | VmHandle | VcpuHandle
+
+
+class KvmFs(pyfuse3.Operations):
+    """pyfuse3 operations for one mount."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, system: System, mountpoint: str) -> None:
+        super().__init__()
+        self.system = system
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.nodes: dict[int, Node] = {
+            ROOT_INODE: Node(ROOT_INODE, "root"),
+            KVM_INODE: Node(KVM_INODE, "kvm"),
+        }
+        self.handles: dict[int, Handle] = {}
+        self.vm_nodes: dict[Vm, dict[str, Node]] = {}  # per VM: "" → its directory, "vm", "vcpu<I>"
+        self._inodes = itertools.count(KVM_INODE + 1)  # never reused within a mount
+        self._handles = itertools.count(1)
+        # KVM serialises a vcpu's ioctls (vcpu->mutex): so do we, per vcpu.
+        self._vcpu_locks: weakref.WeakKeyDictionary[Vcpu, trio.Lock] = weakref.WeakKeyDictionary()
+        self._nursery: trio.Nursery | None = None
+        self._mappings: dict[tuple[int, int], tuple[int, int]] = {}  # (tid, inode) → client's mmap span
+        ioctl_shim.install(self._on_ioctl)
+
+    async def serve(self) -> None:
+        """Run the FUSE loop; ioctls answered later run as tasks of the same nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._stop_on_signal)
+            await pyfuse3.main()
+            for vm in list(self.system.vms.values()):  # no guest may keep a worker thread busy
+                for vcpu in vm.vcpus.values():
+                    vcpu.kick()
+            nursery.cancel_scope.cancel()
+
+    async def _stop_on_signal(self) -> None:
+        """SIGINT/SIGTERM end the FUSE loop; ``serve``'s caller unmounts."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for _ in signals:
+                pyfuse3.terminate()
+                return
+
+    # --- inodes and attributes -----------------------------------------------------------------
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.entry_timeout = attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_uid = node.vm.owner_uid if node.vm else 0
+        attr.st_gid = 0
+        attr.st_nlink = 1
+        if node.kind == "root":
+            attr.st_mode, attr.st_nlink = stat.S_IFDIR | 0o755, 2
+        elif node.kind == "vmdir":
+            attr.st_mode, attr.st_nlink = stat.S_IFDIR | 0o700, 2
+        elif node.kind == "kvm":
+            attr.st_mode = stat.S_IFREG | 0o666
+        else:
+            attr.st_mode = stat.S_IFREG | 0o600
+        attr.st_size = VCPU_MMAP_SIZE if node.kind == "vcpu" else 0
+        attr.st_blksize = abi.PAGE_SIZE
+        return attr
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None or (node.vm is not None and node.vm.dead):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _children(self, node: Node) -> dict[str, Node]:
+        if node.kind == "root":
+            children = {"kvm": self.nodes[KVM_INODE]}
+            children.update(
+                (f"vm{vm.number}", self._vm_node(vm, "")) for vm in list(self.system.vms.values())
+            )
+            return children
+        if node.kind == "vmdir":
+            vm = node.vm
+            assert vm is not None
+            children = {"vm": self._vm_node(vm, "vm")}
+            children.update((f"vcpu{i}", self._vm_node(vm, f"vcpu{i}")) for i in sorted(vm.vcpus))
+            return children
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _vm_node(self, vm: Vm, name: str) -> Node:
+        """The node of a VM's directory (name ""), ``vm`` file or vcpu file, made on first use."""
+        nodes = self.vm_nodes.setdefault(vm, {})
+        node = nodes.get(name)
+        if node is None:
+            kind = "vmdir" if not name else "vm" if name == "vm" else "vcpu"
+            vcpu = vm.vcpus[int(name[4:])] if kind == "vcpu" else None
+            node = nodes[name] = Node(next(self._inodes), kind, vm, vcpu)
+            self.nodes[node.inode] = node
+        return node
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        child = self._children(self._node(parent_inode)).get(name.decode(errors="replace"))
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(child)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode))
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self._node(inode).kind not in ("root", "vmdir"):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, inode: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = sorted(self._children(self._node(inode)).items(), key=lambda item: item[1].inode)
+        for name, child in entries:
+            if child.inode > start_id and not pyfuse3.readdir_reply(
+                token, name.encode(), self._attributes(child), child.inode
+            ):
+                return
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = abi.PAGE_SIZE
+        data.f_files = len(self.nodes)
+        data.f_namemax = 255
+        return data
+
+    # --- open files ----------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        handle: Handle
+        if node.kind == "kvm":
+            handle = SystemHandle(self.system)
+        elif node.kind == "vm":
+            assert node.vm is not None
+            node.vm.hold()
+            for kvm_handle in self.handles.values():  # the creator's hold ends at the first open
+                if isinstance(kvm_handle, SystemHandle) and node.vm in kvm_handle.unopened_vms:
+                    kvm_handle.unopened_vms.discard(node.vm)
+                    node.vm.put()
+            handle = VmHandle(node.vm)
+        elif node.kind == "vcpu":
+            assert node.vm is not None and node.vcpu is not None
+            node.vm.hold()
+            handle = VcpuHandle(node.vcpu)
+        else:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = next(self._handles)
+        self.handles[fh] = handle
+        # Page-cache mode for vcpu files (MAP_SHARED of kvm_run needs it); the others have no data.
+        return pyfuse3.FileInfo(fh=fh, direct_io=node.kind != "vcpu", keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        if not isinstance(handle, VcpuHandle):
+            return b""
+        return bytes(handle.vcpu.run_area[off : off + size])
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """Writes to a vcpu file (or write-back of its mmap) land in its kvm_run area."""
+        handle = self.handles[fh]
+        if not isinstance(handle, VcpuHandle):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        area = handle.vcpu.run_area
+        if off >= len(area):
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        data = buf[: len(area) - off]
+        if not self._vcpu_lock(handle.vcpu).locked():  # never under a running vcpu's feet
+            ctypes.memmove(ctypes.addressof(area) + off, data, len(data))
+        return len(data)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        if isinstance(handle, SystemHandle):
+            dead = handle.release()
+        else:
+            vm = handle.vm if isinstance(handle, VmHandle) else handle.vcpu.vm
+            dead = [vm] if vm.put() else []
+        for vm in dead:
+            await self._forget_vm(vm)
+
+    async def _forget_vm(self, vm: Vm) -> None:
+        """Drop a dead VM's inodes and make the kernel forget its directory entry."""
+        for node in self.vm_nodes.pop(vm, {}).values():
+            del self.nodes[node.inode]
+        try:
+            # Synchronous invalidation can block: never in the trio thread.
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT_INODE, f"vm{vm.number}".encode())
+        except OSError as error:  # ENOENT: the kernel had no such entry cached
+            if error.errno != errno.ENOENT:
+                log.warning("invalidating vm%d: %s", vm.number, error)
+
+    # --- ioctls ----------------------------------------------------------------------------------
+
+    def _on_ioctl(self, request: IoctlRequest) -> None:
+        """Route an ioctl to its object's dispatcher (system, VM or vcpu)."""
+        handle = self.handles.get(request.fh)
+        call = Ioctl(request.cmd, request.arg, request.in_data or b"", request.pid)
+        if handle is None:
+            request.fail(errno.EBADF)
+        elif isinstance(handle, SystemHandle):
+            self._system_ioctl(request, call, handle)
+        elif isinstance(handle, VmHandle):
+            self._object_ioctl(request, call, handle.vm, handle.vm, VM_IOCTLS, errno.ENOTTY)
+        else:
+            vcpu = handle.vcpu
+            self._object_ioctl(request, call, vcpu.vm, vcpu, VCPU_IOCTLS, errno.EINVAL, self._vcpu_lock(vcpu))
+
+    def _system_ioctl(self, request: IoctlRequest, call: Ioctl, handle: SystemHandle) -> None:
+        if call.cmd == abi.KVM_CREATE_VM:
+            self._answer(request, lambda: self._create_vm(handle, call, request.uid))
+            return
+        handler = SYSTEM_IOCTLS.get(call.cmd)
+        if handler is None:
+            request.fail(errno.EINVAL)  # kvm_arch_dev_ioctl's answer to an unknown command
+        else:
+            self._start(request, call, self.system, handler)
+
+    def _create_vm(self, handle: SystemHandle, call: Ioctl, uid: int) -> int:
+        if call.arg != 0:  # only KVM_X86_DEFAULT_VM
+            raise KvmError(errno.EINVAL)
+        return self.system.create_vm(handle, uid, call.tid).number
+
+    def _object_ioctl(
+        self,
+        request: IoctlRequest,
+        call: Ioctl,
+        vm: Vm,
+        target: Vm | Vcpu,
+        table: dict[int, Handler],
+        unknown_errno: int,
+        lock: trio.Lock | None = None,
+    ) -> None:
+        handler = table.get(call.cmd)
+        try:
+            vm.check_caller(call)
+        except (KvmError, OSError) as error:
+            request.fail(error.errno or errno.EIO)
+            return
+        if handler is None:
+            request.fail(unknown_errno)
+        else:
+            self._start(request, call, target, handler, lock)
+
+    def _start(
+        self,
+        request: IoctlRequest,
+        call: Ioctl,
+        target: object,
+        handler: Handler,
+        lock: trio.Lock | None = None,
+    ) -> None:
+        """Answer now if the case is quick and the object free; else in a task."""
+        if not handler.threaded and (lock is None or not lock.locked()):
+            self._answer(request, lambda: handler.function(target, call))
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._answer_later, request, call, target, handler, lock)
+
+    async def _answer_later(
+        self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler, lock: trio.Lock | None
+    ) -> None:
+        try:
+            with trio.CancelScope() as waiting:
+                request.watch_interrupt(waiting.cancel)
+                if lock is not None:
+                    await lock.acquire()
+            if waiting.cancelled_caught:
+                request.fail(errno.EINTR)
+                return
+            try:
+                function = handler.function
+                if isinstance(target, Vcpu):  # from now on an interrupt kicks the running vcpu
+                    request.on_interrupt = target.kick
+                    if call.cmd == abi.KVM_RUN:
+                        function = self._run_with_mapping
+                outcome = await trio.to_thread.run_sync(_outcome, lambda: function(target, call))
+                self._answer(request, outcome)
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            if not request.answered:
+                request.fail(errno.EIO)
+
+    def _answer(self, request: IoctlRequest, compute: Callable[[], Reply]) -> None:
+        """Compute an ioctl's reply and send it; a KvmError is the ioctl's errno."""
+        try:
+            reply = compute()
+        except KvmError as error:
+            request.fail(error.errno)
+            return
+        except OSError as error:  # the caller's memory: EFAULT and friends
+            request.fail(error.errno or errno.EIO)
+            return
+        if isinstance(reply, tuple):
+            result, struct = reply
+            out = bytes(struct)
+        else:
+            result, out = reply, request.in_data or bytes(request.out_size)
+        request.reply(result, out[: request.out_size] if request.out_size else None)
+
+    def _run_with_mapping(self, vcpu: Vcpu, call: Ioctl) -> Reply:
+        """KVM_RUN, with the client's mmap of the vcpu file as the kvm_run it reads and writes.
+
+        The client's mapping is page cache of the vcpu file: the daemon copies it in
+        before the run and out after (worker thread), so what the client wrote
+        (IN data, MMIO read data, immediate_exit) is honoured and the exit is visible.
+        """
+        mapping = self._client_mapping(call.tid, vcpu)
+        area = ctypes.addressof(vcpu.run_area)
+        if mapping is not None:
+            procmem.read_into(call.tid, mapping, area, KVM_RUN_SYNC_SIZE)
+        try:
+            return VCPU_IOCTLS[abi.KVM_RUN].function(vcpu, call)
+        finally:
+            if mapping is not None:
+                procmem.write_from(call.tid, mapping, area, KVM_RUN_SYNC_SIZE)
+
+    def _client_mapping(self, tid: int, vcpu: Vcpu) -> int | None:
+        """Where the calling process mapped this vcpu file, if it did (found by inode)."""
+        node = self.vm_nodes.get(vcpu.vm, {}).get(f"vcpu{vcpu.vcpu_id}")
+        if node is None:
+            return None
+        cached = self._mappings.get((tid, node.inode))
+        if cached is not None and _maps_file(tid, cached, self._vcpu_path(vcpu)):
+            return cached[0]
+        for mapping in procmem.mappings(tid):
+            path_matches = mapping.inode == node.inode and mapping.path == self._vcpu_path(vcpu)
+            if path_matches and mapping.end - mapping.start >= KVM_RUN_SYNC_SIZE:
+                self._mappings[(tid, node.inode)] = (mapping.start, mapping.end)
+                return mapping.start
+        return None
+
+    def _vcpu_path(self, vcpu: Vcpu) -> str:
+        return f"{self.mountpoint}/vm{vcpu.vm.number}/vcpu{vcpu.vcpu_id}"
+
+    def _vcpu_lock(self, vcpu: Vcpu) -> trio.Lock:
+        lock = self._vcpu_locks.get(vcpu)
+        if lock is None:
+            lock = self._vcpu_locks[vcpu] = trio.Lock()
+        return lock
+
+
+def _maps_file(tid: int, span: tuple[int, int], path: str) -> bool:
+    """Is [start, end) in the thread's address space still a mapping of ``path``?"""
+    try:
+        return os.readlink(f"/proc/{tid}/map_files/{span[0]:x}-{span[1]:x}") == path
+    except OSError:
+        return False
+
+
+def _outcome(compute: Callable[[], Reply]) -> Callable[[], Reply]:
+    """Run ``compute`` in the worker thread; hand its result or error back as a callable."""
+    try:
+        reply = compute()
+    except (KvmError, OSError) as error:
+        caught = error
+        return lambda: (_ for _ in ()).throw(caught)
+    return lambda: reply
+
+
+def mount_options() -> set[str]:
+    return {"fsname=kvmfs", "subtype=kvmfs", "allow_other", "default_permissions"}
+
+
+def serve(system: System, mountpoint: str, *, debug: bool = False) -> None:
+    """Mount, serve until unmounted or signalled, and clean up."""
+    operations = KvmFs(system, mountpoint)
+    options = mount_options()
+    if debug:
+        options.add("debug")
+    pyfuse3.init(operations, mountpoint, options)
+    try:
+        trio.run(operations.serve)
+    finally:
+        pyfuse3.close(unmount=True)
