@@ -7,9 +7,7 @@ from setuptools import Extension, setup
 
 
 def pkg_config(*args: str) -> list[str]:
-    return subprocess.run(
-        ["pkg-config", *args, "fuse3"], check=True, capture_output=True, text=True
-    ).stdout.split()
+    return subprocess.run(["pkg-config", *args, "fuse3"], check=True, capture_output=True, text=True).stdout.split()
 
 
 ext_modules = []

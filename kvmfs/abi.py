@@ -21,12 +21,7 @@ IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (KVMIO << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
+    return (direction << _IOC_DIRSHIFT) | (KVMIO << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
 def _io(nr: int) -> int:
@@ -81,8 +76,7 @@ class _Struct(ctypes.Structure):
 
 class kvm_regs(_Struct):
     _fields_ = [
-        (name, c_uint64)
-        for name in "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        (name, c_uint64) for name in "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
     ]
 
 

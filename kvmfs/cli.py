@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mount.add_argument("mountpoint")
-    mount.add_argument(
-        "--foreground", "-f", action="store_true", help="serve in this process until unmounted"
-    )
+    mount.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request (implies --foreground)")
     umount = commands.add_parser("umount", help="unmount a kvmfs mount")
     umount.add_argument("mountpoint")
@@ -102,9 +100,7 @@ def _serve(mountpoint: str, debug: bool) -> int:
     try:
         fs.serve(System(UnicornBackend()), mountpoint, debug=debug)
     except RuntimeError as error:  # pyfuse3: fuse_session_mount failed
-        raise CliError(
-            f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and are you root?)"
-        ) from None
+        raise CliError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and are you root?)") from None
     return 0
 
 
@@ -116,8 +112,7 @@ def _check_mountpoint(mountpoint: str) -> None:
     except OSError as error:
         if error.errno == errno.ENOTCONN:
             raise CliError(
-                f"{mountpoint} is a stale FUSE mount (its daemon is gone): "
-                f"run `kvmfs umount {mountpoint}` first"
+                f"{mountpoint} is a stale FUSE mount (its daemon is gone): run `kvmfs umount {mountpoint}` first"
             ) from None
         raise CliError(f"cannot use {mountpoint}: {error.strerror}") from None
     if is_kvmfs_mount(mountpoint):
@@ -130,11 +125,7 @@ def _check_mountpoint(mountpoint: str) -> None:
 
 def is_kvmfs_mount(mountpoint: str) -> bool:
     with open("/proc/self/mounts") as mounts:
-        return any(
-            line.split()[1] == mountpoint and line.split()[2] == "fuse.kvmfs"
-            for line in mounts
-            if line.strip()
-        )
+        return any(line.split()[1] == mountpoint and line.split()[2] == "fuse.kvmfs" for line in mounts if line.strip())
 
 
 def _umount(mountpoint: str) -> int:

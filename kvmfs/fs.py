@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import json
 import logging
 import os
 import signal
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 ROOT_INODE = pyfuse3.ROOT_INODE
 KVM_INODE = ROOT_INODE + 1
 CACHE_TIMEOUT = 300.0  # entries are invalidated explicitly when a VM dies
+STATS_XATTR = b"user.kvmfs.stats"
 KVM_RUN_SYNC_SIZE = (abi.KVM_PIO_PAGE_OFFSET + 1) * abi.PAGE_SIZE  # kvm_run and the PIO data page
 
 
@@ -154,9 +156,7 @@ class KvmFs(pyfuse3.Operations):
     def _children(self, node: Node) -> dict[str, Node]:
         if node.kind == "root":
             children = {"kvm": self.nodes[KVM_INODE]}
-            children.update(
-                (f"vm{vm.number}", self._vm_node(vm, "")) for vm in list(self.system.vms.values())
-            )
+            children.update((f"vm{vm.number}", self._vm_node(vm, "")) for vm in list(self.system.vms.values()))
             return children
         if node.kind == "vmdir":
             vm = node.vm
@@ -177,9 +177,7 @@ class KvmFs(pyfuse3.Operations):
             self.nodes[node.inode] = node
         return node
 
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         child = self._children(self._node(parent_inode)).get(name.decode(errors="replace"))
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -207,6 +205,24 @@ class KvmFs(pyfuse3.Operations):
         data.f_files = len(self.nodes)
         data.f_namemax = 255
         return data
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """``user.kvmfs.stats`` on the mount's root: the daemon's tables, for tests and the curious."""
+        if inode != ROOT_INODE or name != STATS_XATTR:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return json.dumps(self.stats()).encode()
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [STATS_XATTR] if inode == ROOT_INODE else []
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "vms": len(self.system.vms),
+            "inodes": len(self.nodes),
+            "handles": len(self.handles),
+            "pending_ioctls": ioctl_shim.pending_count(),
+            "cached_mappings": len(self._mappings),
+        }
 
     # --- open files ----------------------------------------------------------------------------
 
@@ -267,6 +283,8 @@ class KvmFs(pyfuse3.Operations):
         """Drop a dead VM's inodes and make the kernel forget its directory entry."""
         for node in self.vm_nodes.pop(vm, {}).values():
             del self.nodes[node.inode]
+            for key in [key for key in self._mappings if key[1] == node.inode]:
+                del self._mappings[key]
         try:
             # Synchronous invalidation can block: never in the trio thread.
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT_INODE, f"vm{vm.number}".encode())
