@@ -1,6 +1,5 @@
 """Builds the one C piece of kvmfs: the ioctl shim for pyfuse3 (see kvmfs/_ioctl.c)."""
 
-import os
 import subprocess
 
 from setuptools import Extension, setup
@@ -10,15 +9,13 @@ def pkg_config(*args: str) -> list[str]:
     return subprocess.run(["pkg-config", *args, "fuse3"], check=True, capture_output=True, text=True).stdout.split()
 
 
-ext_modules = []
-if os.path.exists("kvmfs/_ioctl.c"):
-    ext_modules.append(
+setup(
+    ext_modules=[
         Extension(
             "kvmfs._ioctl",
             ["kvmfs/_ioctl.c"],
             extra_compile_args=pkg_config("--cflags"),
             extra_link_args=[*pkg_config("--libs"), "-ldl"],
         )
-    )
-
-setup(ext_modules=ext_modules)
+    ]
+)

@@ -18,6 +18,7 @@ import errno
 import itertools
 import json
 import logging
+import mmap
 import os
 import signal
 import stat
@@ -49,12 +50,12 @@ from kvmfs.objects import (
 )
 
 log = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 KVM_INODE = ROOT_INODE + 1
 CACHE_TIMEOUT = 300.0  # entries are invalidated explicitly when a VM dies
 STATS_XATTR = b"user.kvmfs.stats"
-KVM_RUN_SYNC_SIZE = (abi.KVM_PIO_PAGE_OFFSET + 1) * abi.PAGE_SIZE  # kvm_run and the PIO data page
 
 
 @dataclass(eq=False)
@@ -75,13 +76,20 @@ class VmHandle:
 
 
 @dataclass(eq=False)
+class DaemonView:
+    """The daemon's own open of a vcpu file, made to map its kvm_run (see ``_kvm_run_view``)."""
+
+    vcpu: Vcpu
+
+
+@dataclass(eq=False)
 class VcpuHandle:
     """An open vcpu file: holds its VM, as the kernel's vcpu file holds the VM file."""
 
     vcpu: Vcpu
 
 
-Handle = SystemHandle | VmHandle | VcpuHandle
+Handle = SystemHandle | VmHandle | VcpuHandle | DaemonView
 
 
 class KvmFs(pyfuse3.Operations):
@@ -105,7 +113,7 @@ class KvmFs(pyfuse3.Operations):
         # KVM serialises a vcpu's ioctls (vcpu->mutex): so do we, per vcpu.
         self._vcpu_locks: weakref.WeakKeyDictionary[Vcpu, trio.Lock] = weakref.WeakKeyDictionary()
         self._nursery: trio.Nursery | None = None
-        self._mappings: dict[tuple[int, int], tuple[int, int]] = {}  # (tid, inode) → client's mmap span
+        self._views: dict[Vcpu, mmap.mmap] = {}  # the daemon's own locked mapping of each vcpu file
         ioctl_shim.install(self._on_ioctl)
 
     async def serve(self) -> None:
@@ -221,7 +229,7 @@ class KvmFs(pyfuse3.Operations):
             "inodes": len(self.nodes),
             "handles": len(self.handles),
             "pending_ioctls": ioctl_shim.pending_count(),
-            "cached_mappings": len(self._mappings),
+            "kvm_run_views": len(self._views),
         }
 
     # --- open files ----------------------------------------------------------------------------
@@ -229,7 +237,10 @@ class KvmFs(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         handle: Handle
-        if node.kind == "kvm":
+        if node.kind == "vcpu" and procmem.thread_group(ctx.pid) == os.getpid():
+            assert node.vcpu is not None
+            handle = DaemonView(node.vcpu)  # the daemon mapping kvm_run for itself: holds nothing
+        elif node.kind == "kvm":
             handle = SystemHandle(self.system)
         elif node.kind == "vm":
             assert node.vm is not None
@@ -251,28 +262,28 @@ class KvmFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=node.kind != "vcpu", keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        """Fills the page cache of a vcpu file before the daemon has mapped it (then it stays put)."""
         handle = self.handles[fh]
-        if not isinstance(handle, VcpuHandle):
+        if not isinstance(handle, VcpuHandle | DaemonView):
             return b""
+        # Never short (but at the end): FUSE would take a short read for the file's end.
         return bytes(handle.vcpu.run_area[off : off + size])
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        """Writes to a vcpu file (or write-back of its mmap) land in its kvm_run area."""
-        handle = self.handles[fh]
-        if not isinstance(handle, VcpuHandle):
+        """Writes to a vcpu file, and write-back of its mmap, already sit in the page cache that
+        is kvm_run's home (``_kvm_run_view``): there is nothing more to store."""
+        if not isinstance(self.handles[fh], VcpuHandle | DaemonView):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        area = handle.vcpu.run_area
-        if off >= len(area):
+        if off + len(buf) > VCPU_MMAP_SIZE:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        data = buf[: len(area) - off]
-        if not self._vcpu_lock(handle.vcpu).locked():  # never under a running vcpu's feet
-            ctypes.memmove(ctypes.addressof(area) + off, data, len(data))
-        return len(data)
+        return len(buf)
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if isinstance(handle, SystemHandle):
             dead = handle.release()
+        elif isinstance(handle, DaemonView):
+            dead = []
         else:
             vm = handle.vm if isinstance(handle, VmHandle) else handle.vcpu.vm
             dead = [vm] if vm.put() else []
@@ -283,8 +294,12 @@ class KvmFs(pyfuse3.Operations):
         """Drop a dead VM's inodes and make the kernel forget its directory entry."""
         for node in self.vm_nodes.pop(vm, {}).values():
             del self.nodes[node.inode]
-            for key in [key for key in self._mappings if key[1] == node.inode]:
-                del self._mappings[key]
+        views = []
+        for vcpu in [vcpu for vcpu in self._views if vcpu.vm is vm]:
+            vcpu.run_area = (ctypes.c_char * VCPU_MMAP_SIZE)()  # release the view before unmapping it
+            views.append(self._views.pop(vcpu))
+        if views:  # unmapping drops the daemon's last reference to a FUSE file: not in the trio thread
+            await trio.to_thread.run_sync(_unmap, views)
         try:
             # Synchronous invalidation can block: never in the trio thread.
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT_INODE, f"vm{vm.number}".encode())
@@ -302,6 +317,8 @@ class KvmFs(pyfuse3.Operations):
             request.fail(errno.EBADF)
         elif isinstance(handle, SystemHandle):
             self._system_ioctl(request, call, handle)
+        elif isinstance(handle, DaemonView):
+            request.fail(errno.EINVAL)
         elif isinstance(handle, VmHandle):
             self._object_ioctl(request, call, handle.vm, handle.vm, VM_IOCTLS, errno.ENOTTY)
         else:
@@ -375,7 +392,7 @@ class KvmFs(pyfuse3.Operations):
                 if isinstance(target, Vcpu):  # from now on an interrupt kicks the running vcpu
                     request.on_interrupt = target.kick
                     if call.cmd == abi.KVM_RUN:
-                        function = self._run_with_mapping
+                        function = self._run
                 outcome = await trio.to_thread.run_sync(_outcome, lambda: function(target, call))
                 self._answer(request, outcome)
             finally:
@@ -402,37 +419,32 @@ class KvmFs(pyfuse3.Operations):
             result, out = reply, request.in_data or bytes(request.out_size)
         request.reply(result, out[: request.out_size] if request.out_size else None)
 
-    def _run_with_mapping(self, vcpu: Vcpu, call: Ioctl) -> Reply:
-        """KVM_RUN, with the client's mmap of the vcpu file as the kvm_run it reads and writes.
+    def _run(self, vcpu: Vcpu, call: Ioctl) -> Reply:
+        """KVM_RUN (worker thread), with kvm_run living in the vcpu file's page cache."""
+        if vcpu not in self._views:
+            self._kvm_run_view(vcpu)
+        return VCPU_IOCTLS[abi.KVM_RUN].function(vcpu, call)
 
-        The client's mapping is page cache of the vcpu file: the daemon copies it in
-        before the run and out after (worker thread), so what the client wrote
-        (IN data, MMIO read data, immediate_exit) is honoured and the exit is visible.
+    def _kvm_run_view(self, vcpu: Vcpu) -> None:
+        """Map the vcpu file into the daemon, lock it in memory, and make it the vcpu's kvm_run.
+
+        Every client mmap of the file shares these page-cache pages: exits the backend
+        writes are visible to clients at once, and what clients write (IN data, MMIO
+        read data, immediate_exit) is read straight from there — no copying per run,
+        from any client thread. Locked, the pages never fault, so nothing here ever
+        waits on a FUSE request to this daemon. Runs in a worker thread: the open and
+        the first touch of each page are FUSE requests the trio thread must answer.
         """
-        mapping = self._client_mapping(call.tid, vcpu)
-        area = ctypes.addressof(vcpu.run_area)
-        if mapping is not None:
-            procmem.read_into(call.tid, mapping, area, KVM_RUN_SYNC_SIZE)
+        fd = os.open(self._vcpu_path(vcpu), os.O_RDWR | os.O_CLOEXEC)
         try:
-            return VCPU_IOCTLS[abi.KVM_RUN].function(vcpu, call)
+            view = mmap.mmap(fd, VCPU_MMAP_SIZE, mmap.MAP_SHARED)
         finally:
-            if mapping is not None:
-                procmem.write_from(call.tid, mapping, area, KVM_RUN_SYNC_SIZE)
-
-    def _client_mapping(self, tid: int, vcpu: Vcpu) -> int | None:
-        """Where the calling process mapped this vcpu file, if it did (found by inode)."""
-        node = self.vm_nodes.get(vcpu.vm, {}).get(f"vcpu{vcpu.vcpu_id}")
-        if node is None:
-            return None
-        cached = self._mappings.get((tid, node.inode))
-        if cached is not None and _maps_file(tid, cached, self._vcpu_path(vcpu)):
-            return cached[0]
-        for mapping in procmem.mappings(tid):
-            path_matches = mapping.inode == node.inode and mapping.path == self._vcpu_path(vcpu)
-            if path_matches and mapping.end - mapping.start >= KVM_RUN_SYNC_SIZE:
-                self._mappings[(tid, node.inode)] = (mapping.start, mapping.end)
-                return mapping.start
-        return None
+            os.close(fd)
+        area = (ctypes.c_char * VCPU_MMAP_SIZE).from_buffer(view)
+        if _libc.mlock(ctypes.c_void_p(ctypes.addressof(area)), ctypes.c_size_t(VCPU_MMAP_SIZE)) != 0:
+            raise OSError(ctypes.get_errno(), "mlock of kvm_run failed")
+        vcpu.run_area = area
+        self._views[vcpu] = view
 
     def _vcpu_path(self, vcpu: Vcpu) -> str:
         return f"{self.mountpoint}/vm{vcpu.vm.number}/vcpu{vcpu.vcpu_id}"
@@ -444,12 +456,9 @@ class KvmFs(pyfuse3.Operations):
         return lock
 
 
-def _maps_file(tid: int, span: tuple[int, int], path: str) -> bool:
-    """Is [start, end) in the thread's address space still a mapping of ``path``?"""
-    try:
-        return os.readlink(f"/proc/{tid}/map_files/{span[0]:x}-{span[1]:x}") == path
-    except OSError:
-        return False
+def _unmap(views: list[mmap.mmap]) -> None:
+    for view in views:
+        view.close()
 
 
 def _outcome(compute: Callable[[], Reply]) -> Callable[[], Reply]:

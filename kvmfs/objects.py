@@ -440,6 +440,8 @@ class Vcpu:
     def run(self) -> int:
         """KVM_RUN: sync guest memory, run to an exit, sync back. Blocks (worker thread)."""
         vm = self.vm
+        if self.kvm_run.immediate_exit:  # KVM checks this before entering the guest; exit_reason stays
+            raise KvmError(errno.EINTR)
         with vm.running(self):
             for slot in vm.slots.values():
                 slot.pull(vm.pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import subprocess
 import sys
@@ -146,6 +147,7 @@ class Target:
         self.kvm_path = kvm_path
         self.mount = None if kvm_path == "/dev/kvm" else os.path.dirname(kvm_path)
         self._fds: list[int] = []
+        self._memory: list[mmap.mmap] = []
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -168,10 +170,15 @@ class Target:
         vm_dir = os.readlink(f"/proc/self/fd/{vm}").rsplit("/", 1)[0]
         return self._keep(os.open(f"{vm_dir}/vcpu{result}", os.O_RDWR | os.O_CLOEXEC))
 
+    def keep_alive(self, memory: mmap.mmap) -> None:
+        """Guest memory that must live as long as the test's VMs."""
+        self._memory.append(memory)
+
     def close(self) -> None:
         for fd in reversed(self._fds):
             os.close(fd)
         self._fds.clear()
+        self._memory.clear()
 
 
 @pytest.fixture
