@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 LAYOUT = """\
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("mountpoint")
     mount.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request (implies --foreground)")
+    mount.add_argument("--log", metavar="FILE", help="where the background daemon writes warnings (default: nowhere)")
     umount = commands.add_parser("umount", help="unmount a kvmfs mount")
     umount.add_argument("mountpoint")
     hello = commands.add_parser("hello", help="run the hello-world guest through a mount, in each CPU mode")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "mount":
-            return _mount(args.mountpoint, foreground=args.foreground or args.debug, debug=args.debug)
+            return _mount(args.mountpoint, foreground=args.foreground or args.debug, debug=args.debug, log=args.log)
         if args.command == "umount":
             return _umount(args.mountpoint)
         if args.command == "hello":
@@ -71,18 +73,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _mount(mountpoint: str, *, foreground: bool, debug: bool) -> int:
+def _mount(mountpoint: str, *, foreground: bool, debug: bool, log: str | None) -> int:
     mountpoint = os.path.abspath(mountpoint)
     _check_mountpoint(mountpoint)
     if foreground:
         return _serve(mountpoint, debug)
-    # Start the daemon, wait until the mount answers, and leave it running.
+    # Start the daemon, wait until the mount answers, and leave it running. Its output goes
+    # to the log file, or to an anonymous file shown here if it fails to start.
     command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", mountpoint]
-    daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+    output = open(log, "ab") if log else tempfile.TemporaryFile()  # noqa: SIM115 - the daemon's from now on
+    with output:
+        daemon = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True
+        )
     deadline = time.monotonic() + MOUNT_TIMEOUT
     while time.monotonic() < deadline:
         if daemon.poll() is not None:
-            raise CliError(f"the daemon exited with status {daemon.returncode} before mounting {mountpoint}")
+            output.seek(0)
+            told = output.read().decode(errors="replace").strip() if not log else f"see {log}"
+            raise CliError(f"the daemon exited with status {daemon.returncode} before mounting {mountpoint}: {told}")
         if is_kvmfs_mount(mountpoint) and os.path.exists(os.path.join(mountpoint, "kvm")):
             print(f"kvmfs mounted at {mountpoint} (daemon pid {daemon.pid})")
             return 0
@@ -106,7 +115,7 @@ def _serve(mountpoint: str, debug: bool) -> int:
 
 def _check_mountpoint(mountpoint: str) -> None:
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # goes to the daemon, if there is a mount: a dead one says ENOTCONN
     except FileNotFoundError:
         raise CliError(f"{mountpoint} does not exist: create it with `mkdir -p {mountpoint}`") from None
     except OSError as error:
