@@ -90,7 +90,8 @@ class VcpuBackend(abc.ABC):
         called when no run is in progress (then the next run is not affected)."""
 
     @abc.abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free the vcpu, keeping no reference to its run area (the fs layer unmaps it next)."""
 
 
 class VmBackend(abc.ABC):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import gc
 import itertools
 import json
 import logging
@@ -23,8 +25,9 @@ import os
 import signal
 import stat
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kvmfs import ioctl_shim  # before pyfuse3: it adds the ioctl operation
 
@@ -90,6 +93,26 @@ class VcpuHandle:
 
 
 Handle = SystemHandle | VmHandle | VcpuHandle | DaemonView
+
+
+def _never_crash(operation: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """pyfuse3 ends the whole mount when a handler raises anything but FUSEError: turn a kvmfs
+    bug into EIO for the one request (and a log line) instead."""
+
+    @functools.wraps(operation)
+    async def guarded(*args: object) -> T:
+        try:
+            return await operation(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed", operation.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+T = TypeVar("T")
 
 
 class KvmFs(pyfuse3.Operations):
@@ -185,20 +208,24 @@ class KvmFs(pyfuse3.Operations):
             self.nodes[node.inode] = node
         return node
 
+    @_never_crash
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         child = self._children(self._node(parent_inode)).get(name.decode(errors="replace"))
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attributes(child)
 
+    @_never_crash
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attributes(self._node(inode))
 
+    @_never_crash
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if self._node(inode).kind not in ("root", "vmdir"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_never_crash
     async def readdir(self, inode: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = sorted(self._children(self._node(inode)).items(), key=lambda item: item[1].inode)
         for name, child in entries:
@@ -207,6 +234,7 @@ class KvmFs(pyfuse3.Operations):
             ):
                 return
 
+    @_never_crash
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = abi.PAGE_SIZE
@@ -214,12 +242,14 @@ class KvmFs(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    @_never_crash
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         """``user.kvmfs.stats`` on the mount's root: the daemon's tables, for tests and the curious."""
         if inode != ROOT_INODE or name != STATS_XATTR:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return json.dumps(self.stats()).encode()
 
+    @_never_crash
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [STATS_XATTR] if inode == ROOT_INODE else []
 
@@ -234,6 +264,7 @@ class KvmFs(pyfuse3.Operations):
 
     # --- open files ----------------------------------------------------------------------------
 
+    @_never_crash
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         handle: Handle
@@ -261,6 +292,7 @@ class KvmFs(pyfuse3.Operations):
         # Page-cache mode for vcpu files (MAP_SHARED of kvm_run needs it); the others have no data.
         return pyfuse3.FileInfo(fh=fh, direct_io=node.kind != "vcpu", keep_cache=True)
 
+    @_never_crash
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """Fills the page cache of a vcpu file before the daemon has mapped it (then it stays put)."""
         handle = self.handles[fh]
@@ -269,6 +301,7 @@ class KvmFs(pyfuse3.Operations):
         # Never short (but at the end): FUSE would take a short read for the file's end.
         return bytes(handle.vcpu.run_area[off : off + size])
 
+    @_never_crash
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """Writes to a vcpu file, and write-back of its mmap, already sit in the page cache that
         is kvm_run's home (``_kvm_run_view``): there is nothing more to store."""
@@ -278,6 +311,7 @@ class KvmFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
         return len(buf)
 
+    @_never_crash
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if isinstance(handle, SystemHandle):
@@ -298,14 +332,8 @@ class KvmFs(pyfuse3.Operations):
         for vcpu in [vcpu for vcpu in self._views if vcpu.vm is vm]:
             vcpu.run_area = (ctypes.c_char * VCPU_MMAP_SIZE)()  # release the view before unmapping it
             views.append(self._views.pop(vcpu))
-        if views:  # unmapping drops the daemon's last reference to a FUSE file: not in the trio thread
-            await trio.to_thread.run_sync(_unmap, views)
-        try:
-            # Synchronous invalidation can block: never in the trio thread.
-            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT_INODE, f"vm{vm.number}".encode())
-        except OSError as error:  # ENOENT: the kernel had no such entry cached
-            if error.errno != errno.ENOENT:
-                log.warning("invalidating vm%d: %s", vm.number, error)
+        # Both can block on the kernel: never in the trio thread.
+        await trio.to_thread.run_sync(_forget_in_kernel, f"vm{vm.number}".encode(), views)
 
     # --- ioctls ----------------------------------------------------------------------------------
 
@@ -456,9 +484,19 @@ class KvmFs(pyfuse3.Operations):
         return lock
 
 
-def _unmap(views: list[mmap.mmap]) -> None:
+def _forget_in_kernel(name: bytes, views: list[mmap.mmap]) -> None:
+    """Invalidate a dead VM's directory entry, then unmap the daemon's views of its kvm_runs."""
+    try:
+        pyfuse3.invalidate_entry(ROOT_INODE, name)
+    except OSError as error:  # ENOENT: the kernel had no such entry cached
+        if error.errno != errno.ENOENT:
+            log.warning("invalidating %s: %s", name.decode(), error)
     for view in views:
-        view.close()
+        try:
+            view.close()
+        except BufferError:  # something still holds a view of kvm_run: a reference cycle, at worst
+            gc.collect()
+            view.close()
 
 
 def _outcome(compute: Callable[[], Reply]) -> Callable[[], Reply]:
