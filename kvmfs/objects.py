@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from typing import TypeVar
 
 from kvmfs import abi, procmem
 from kvmfs.backends.base import Backend, BackendError, VcpuBackend, VmBackend
+from kvmfs.memory import GuestRam
 
 # Limits, as x86 KVM reports them (KVM_CHECK_EXTENSION).
 MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS
@@ -199,24 +199,14 @@ SYSTEM_IOCTLS: dict[int, Handler] = {
 
 @dataclass(eq=False)
 class MemorySlot:
-    """A KVM memory slot and the daemon memory that backs it for the backend.
-
-    Shared client memory is mapped into the daemon (the same pages, zero copy).
-    Private client memory cannot be shared: the daemon keeps a copy, pulled from
-    the client before each KVM_RUN and pushed back after it.
-    """
+    """A KVM memory slot; ``ram`` is the daemon memory the backend maps for it (kvmfs.memory)."""
 
     slot: int
     flags: int
     guest_phys_addr: int
     size: int
     userspace_addr: int
-    memory: mmap.mmap
-    shared: bool
-
-    @property
-    def host_address(self) -> int:
-        return ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+    ram: GuestRam
 
     @property
     def readonly(self) -> bool:
@@ -224,14 +214,6 @@ class MemorySlot:
 
     def overlaps(self, gpa: int, size: int) -> bool:
         return gpa < self.guest_phys_addr + self.size and self.guest_phys_addr < gpa + size
-
-    def pull(self, pid: int) -> None:
-        if not self.shared:
-            procmem.read_into(pid, self.userspace_addr, self.host_address, self.size)
-
-    def push(self, pid: int) -> None:
-        if not self.shared:
-            procmem.write_from(pid, self.userspace_addr, self.host_address, self.size)
 
 
 class Vm:
@@ -275,7 +257,7 @@ class Vm:
         self.vcpus.clear()
         self.backend.close()
         for slot in self.slots.values():
-            slot.memory.close()
+            slot.ram.close()
         self.slots.clear()
 
     def check_caller(self, call: Ioctl) -> None:
@@ -295,9 +277,12 @@ class Vm:
     def paused(self) -> Iterator[None]:
         with self._lock:
             self._pausing += 1
-            for vcpu in self._running:
-                vcpu.backend.kick()
-            self._changed.wait_for(lambda: all(vcpu.parked for vcpu in self._running))
+            # Kick until every running vcpu has parked: one may enter the backend just after a kick.
+            while not all(vcpu.parked for vcpu in self._running):
+                for vcpu in self._running:
+                    if not vcpu.parked:
+                        vcpu.backend.kick()
+                self._changed.wait(timeout=0.01)
         try:
             yield
         finally:
@@ -368,31 +353,20 @@ def set_user_memory_region(vm: Vm, call: Ioctl) -> int:
             return 0
     if any(other.overlaps(gpa, size) for other in vm.slots.values() if other is not old):
         raise KvmError(errno.EEXIST)
-    new = MemorySlot(slot_id, region.flags, gpa, size, region.userspace_addr, *_back(vm, region))
+    ram = old.ram if old is not None else GuestRam(vm.pid, region.userspace_addr, size)
+    new = MemorySlot(slot_id, region.flags, gpa, size, region.userspace_addr, ram)
     with vm.paused():
-        if old is not None:
-            _remove_slot(vm, old)
+        if old is not None:  # a move: the same memory at a new guest address
+            vm.backend.unmap_memory(old.guest_phys_addr, old.size)
         vm.slots[slot_id] = new
-        vm.backend.map_memory(gpa, size, new.host_address, new.readonly)
+        vm.backend.map_memory(gpa, size, ram.address, new.readonly)
     return 0
-
-
-def _back(vm: Vm, region: abi.kvm_userspace_memory_region) -> tuple[mmap.mmap, bool]:
-    """Daemon memory for a slot: the client's own pages if shared, else a private copy."""
-    address, size = region.userspace_addr, region.memory_size
-    mapping = procmem.mapping_at(vm.pid, address, size)
-    if mapping is not None and mapping.shared:
-        try:
-            return procmem.map_shared(vm.pid, mapping, address, size), True
-        except OSError:
-            pass  # not mappable by us (a special file): fall back to copying
-    return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), False
 
 
 def _remove_slot(vm: Vm, slot: MemorySlot) -> None:
     vm.backend.unmap_memory(slot.guest_phys_addr, slot.size)
     del vm.slots[slot.slot]
-    slot.memory.close()
+    slot.ram.close()
 
 
 def set_tss_addr(vm: Vm, call: Ioctl) -> int:
@@ -440,20 +414,25 @@ class Vcpu:
     def run(self) -> int:
         """KVM_RUN: sync guest memory, run to an exit, sync back. Blocks (worker thread)."""
         vm = self.vm
-        if self.kvm_run.immediate_exit:  # KVM checks this before entering the guest; exit_reason stays
-            raise KvmError(errno.EINTR)
+        kvm_run = self.kvm_run
+        # With immediate_exit KVM completes a pending IN or MMIO read, then returns EINTR
+        # leaving exit_reason as it was; the backend reports it as KVM_EXIT_INTR.
+        immediate_exit, previous_exit = kvm_run.immediate_exit, kvm_run.exit_reason
         with vm.running(self):
             for slot in vm.slots.values():
-                slot.pull(vm.pid)
-                vm.backend.memory_changed(slot.guest_phys_addr, slot.size)
+                for offset, length in slot.ram.refresh():
+                    vm.backend.memory_changed(slot.guest_phys_addr + offset, length)
             try:
                 self.backend.run(self.run_area)
-                while self.kvm_run.exit_reason == abi.KVM_EXIT_INTR and vm.park_if_paused(self):
+                while kvm_run.exit_reason == abi.KVM_EXIT_INTR and vm.park_if_paused(self):
                     self.backend.run(self.run_area)
             finally:
                 for slot in vm.slots.values():
-                    slot.push(vm.pid)
-        if self.kvm_run.exit_reason == abi.KVM_EXIT_INTR:
+                    slot.ram.publish()
+        if immediate_exit:
+            kvm_run.exit_reason = previous_exit
+            raise KvmError(errno.EINTR)
+        if kvm_run.exit_reason == abi.KVM_EXIT_INTR:
             raise KvmError(errno.EINTR)
         return 0
 
