@@ -17,12 +17,11 @@ import ctypes
 from kvmfs import abi
 
 
-class BackendError(Exception):
+class BackendError(OSError):
     """The backend cannot do what was asked; ``errno`` is what the ioctl returns."""
 
     def __init__(self, errno: int, message: str = "") -> None:
-        super().__init__(message or f"errno {errno}")
-        self.errno = errno
+        super().__init__(errno, message or f"errno {errno}")
 
 
 class VcpuBackend(abc.ABC):

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("mountpoint")
     mount.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request (implies --foreground)")
+    mount.add_argument(
+        "--isolation",
+        choices=["process", "thread"],
+        default="process",
+        help="run each VM's guest in a worker process of its own (default), or in daemon threads",
+    )
     mount.add_argument("--log", metavar="FILE", help="where the background daemon writes warnings (default: nowhere)")
     umount = commands.add_parser("umount", help="unmount a kvmfs mount")
     umount.add_argument("mountpoint")
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "mount":
-            return _mount(args.mountpoint, foreground=args.foreground or args.debug, debug=args.debug, log=args.log)
+            return _mount(args.mountpoint, args)
         if args.command == "umount":
             return _umount(args.mountpoint)
         if args.command == "hello":
@@ -73,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _mount(mountpoint: str, *, foreground: bool, debug: bool, log: str | None) -> int:
+def _mount(mountpoint: str, args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(mountpoint)
     _check_mountpoint(mountpoint)
-    if foreground:
-        return _serve(mountpoint, debug)
+    if args.foreground or args.debug:
+        return _serve(mountpoint, args.debug, args.isolation)
+    log = args.log
     # Start the daemon, wait until the mount answers, and leave it running. Its output goes
     # to the log file, or to an anonymous file shown here if it fails to start.
-    command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", mountpoint]
+    command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", "--isolation", args.isolation, mountpoint]
     output = open(log, "ab") if log else tempfile.TemporaryFile()  # noqa: SIM115 - the daemon's from now on
     with output:
         daemon = subprocess.Popen(
@@ -100,14 +107,16 @@ def _mount(mountpoint: str, *, foreground: bool, debug: bool, log: str | None) -
     raise CliError(f"timed out waiting for {mountpoint} to be mounted")
 
 
-def _serve(mountpoint: str, debug: bool) -> int:
+def _serve(mountpoint: str, debug: bool, isolation: str) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmfs: %(message)s")
     from kvmfs import fs  # imports pyfuse3 (after the ioctl shim)
+    from kvmfs.backends.process import ProcessBackend
     from kvmfs.backends.unicorn_x86 import UnicornBackend
     from kvmfs.objects import System
 
+    backend = ProcessBackend() if isolation == "process" else UnicornBackend()
     try:
-        fs.serve(System(UnicornBackend()), mountpoint, debug=debug)
+        fs.serve(System(backend), mountpoint, debug=debug)
     except RuntimeError as error:  # pyfuse3: fuse_session_mount failed
         raise CliError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and are you root?)") from None
     return 0

@@ -35,7 +35,27 @@ def daemon_figures(daemon: Daemon) -> dict[str, int]:
     figures["threads"] = int(fields["Threads"])
     figures["rss_kib"] = int(fields["VmRSS"].split()[0])
     figures["fds"] = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+    figures["processes"] = len(descendants(daemon.pid))  # the zygote and live VM workers
     return figures
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def test_2000_vm_lifetimes_leak_nothing(private_daemon: Daemon) -> None:
@@ -49,7 +69,9 @@ def test_2000_vm_lifetimes_leak_nothing(private_daemon: Daemon) -> None:
 
     def settled() -> bool:
         now = daemon_figures(private_daemon)
-        return all(now[key] <= before[key] for key in ("vms", "inodes", "handles", "fds", "pending_ioctls"))
+        return all(
+            now[key] <= before[key] for key in ("vms", "inodes", "handles", "fds", "pending_ioctls", "processes")
+        )
 
     wait_until(settled, timeout=10, what="the daemon's tables to return to their size before the soak")
     # Idle worker threads retire after trio's 10 s idle timeout.
