@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import gc
 import itertools
 import json
 import logging
@@ -468,7 +467,9 @@ class KvmFs(pyfuse3.Operations):
             view = mmap.mmap(fd, VCPU_MMAP_SIZE, mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        area = (ctypes.c_char * VCPU_MMAP_SIZE).from_buffer(view)
+        # from_address, not from_buffer: no Python object may pin the mapping once the VM is gone
+        # (a traceback holding a frame that held kvm_run would); _forget_vm unmaps it explicitly.
+        area = (ctypes.c_char * VCPU_MMAP_SIZE).from_address(_address_of(view))
         if _libc.mlock(ctypes.c_void_p(ctypes.addressof(area)), ctypes.c_size_t(VCPU_MMAP_SIZE)) != 0:
             raise OSError(ctypes.get_errno(), "mlock of kvm_run failed")
         vcpu.run_area = area
@@ -484,6 +485,10 @@ class KvmFs(pyfuse3.Operations):
         return lock
 
 
+def _address_of(view: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 def _forget_in_kernel(name: bytes, views: list[mmap.mmap]) -> None:
     """Invalidate a dead VM's directory entry, then unmap the daemon's views of its kvm_runs."""
     try:
@@ -492,11 +497,7 @@ def _forget_in_kernel(name: bytes, views: list[mmap.mmap]) -> None:
         if error.errno != errno.ENOENT:
             log.warning("invalidating %s: %s", name.decode(), error)
     for view in views:
-        try:
-            view.close()
-        except BufferError:  # something still holds a view of kvm_run: a reference cycle, at worst
-            gc.collect()
-            view.close()
+        view.close()
 
 
 def _outcome(compute: Callable[[], Reply]) -> Callable[[], Reply]:

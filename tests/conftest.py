@@ -79,13 +79,35 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def holders(self) -> list[str]:
+        """Processes with a file or a mapping under the mount: who keeps it busy."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+                maps = Path(f"/proc/{pid}/maps").read_text().split()
+            except OSError:
+                continue
+            paths = {path for path in [*fds, *maps] if path.startswith(str(self.mountpoint))}
+            if paths:
+                found.append(f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()[:80]!r}: {sorted(paths)}")
+        return found
+
     def stop(self) -> None:
         """Unmount and wait for the daemon to exit; kill it if it does not. Never leaves a mount."""
         try:
             if self.process.poll() is None:
-                unmount = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True)
+                # A VM worker that was just killed may still be releasing its mappings: retry a while.
+                deadline = time.monotonic() + 5
+                while True:
+                    unmount = subprocess.run(
+                        ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True
+                    )
+                    if unmount.returncode == 0 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
                 if unmount.returncode != 0:
-                    raise AssertionError(f"unmount failed (a test left files open?): {unmount.stderr}")
+                    raise AssertionError(f"unmount failed: {unmount.stderr}; holders: {self.holders()}")
                 try:
                     self.process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
