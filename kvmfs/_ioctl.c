@@ -13,6 +13,9 @@
  * FUSE_INTERRUPT callback: it only calls the Python interrupt handler (which
  * must only signal: libfuse holds the request's lock while it runs).
  *
+ * reply() and reply_error() may be called from any thread (libfuse replies are
+ * thread-safe); they release the GIL while writing to /dev/fuse.
+ *
  * Requests travel to Python as integers (the fuse_req_t pointer). The Python
  * wrapper (kvmfs/ioctl_shim.py) guarantees each is answered once and only once.
  * Delete this file the day pyfuse3 grows an ioctl operation.
@@ -98,7 +101,10 @@ static PyObject *reply(PyObject *self, PyObject *args)
     Py_buffer out = {0};
     if (!PyArg_ParseTuple(args, "Kiz*", &req, &result, &out))
         return NULL;
-    int rc = fuse_reply_ioctl((fuse_req_t)(uintptr_t)req, result, out.buf, out.buf ? (size_t)out.len : 0);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS /* a vcpu thread may answer while the trio thread serves FUSE */
+    rc = fuse_reply_ioctl((fuse_req_t)(uintptr_t)req, result, out.buf, out.buf ? (size_t)out.len : 0);
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     return PyLong_FromLong(rc);
 }
@@ -109,7 +115,11 @@ static PyObject *reply_error(PyObject *self, PyObject *args)
     int err;
     if (!PyArg_ParseTuple(args, "Ki", &req, &err))
         return NULL;
-    return PyLong_FromLong(fuse_reply_err((fuse_req_t)(uintptr_t)req, err));
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_reply_err((fuse_req_t)(uintptr_t)req, err);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
 }
 
 static PyObject *watch_interrupt(PyObject *self, PyObject *args)

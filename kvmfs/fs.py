@@ -23,7 +23,6 @@ import mmap
 import os
 import signal
 import stat
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -50,6 +49,7 @@ from kvmfs.objects import (
     Vcpu,
     Vm,
 )
+from kvmfs.vcpu_thread import VcpuThread
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -132,8 +132,7 @@ class KvmFs(pyfuse3.Operations):
         self.vm_nodes: dict[Vm, dict[str, Node]] = {}  # per VM: "" → its directory, "vm", "vcpu<I>"
         self._inodes = itertools.count(KVM_INODE + 1)  # never reused within a mount
         self._handles = itertools.count(1)
-        # KVM serialises a vcpu's ioctls (vcpu->mutex): so do we, per vcpu.
-        self._vcpu_locks: weakref.WeakKeyDictionary[Vcpu, trio.Lock] = weakref.WeakKeyDictionary()
+        self._vcpu_threads: dict[Vcpu, VcpuThread] = {}
         self._nursery: trio.Nursery | None = None
         self._views: dict[Vcpu, mmap.mmap] = {}  # the daemon's own locked mapping of each vcpu file
         ioctl_shim.install(self._on_ioctl)
@@ -327,6 +326,8 @@ class KvmFs(pyfuse3.Operations):
         """Drop a dead VM's inodes and make the kernel forget its directory entry."""
         for node in self.vm_nodes.pop(vm, {}).values():
             del self.nodes[node.inode]
+        for vcpu in [vcpu for vcpu in self._vcpu_threads if vcpu.vm is vm]:
+            self._vcpu_threads.pop(vcpu).stop()
         views = []
         for vcpu in [vcpu for vcpu in self._views if vcpu.vm is vm]:
             vcpu.run_area = (ctypes.c_char * VCPU_MMAP_SIZE)()  # release the view before unmapping it
@@ -350,7 +351,7 @@ class KvmFs(pyfuse3.Operations):
             self._object_ioctl(request, call, handle.vm, handle.vm, VM_IOCTLS, errno.ENOTTY)
         else:
             vcpu = handle.vcpu
-            self._object_ioctl(request, call, vcpu.vm, vcpu, VCPU_IOCTLS, errno.EINVAL, self._vcpu_lock(vcpu))
+            self._vcpu_ioctl(request, call, vcpu)
 
     def _system_ioctl(self, request: IoctlRequest, call: Ioctl, handle: SystemHandle) -> None:
         if call.cmd == abi.KVM_CREATE_VM:
@@ -368,64 +369,65 @@ class KvmFs(pyfuse3.Operations):
         return self.system.create_vm(handle, uid, call.tid).number
 
     def _object_ioctl(
-        self,
-        request: IoctlRequest,
-        call: Ioctl,
-        vm: Vm,
-        target: Vm | Vcpu,
-        table: dict[int, Handler],
-        unknown_errno: int,
-        lock: trio.Lock | None = None,
+        self, request: IoctlRequest, call: Ioctl, vm: Vm, target: Vm, table: dict[int, Handler], unknown_errno: int
     ) -> None:
-        handler = table.get(call.cmd)
+        handler = self._handler(request, call, vm, table, unknown_errno)
+        if handler is not None:
+            self._start(request, call, target, handler)
+
+    def _handler(
+        self, request: IoctlRequest, call: Ioctl, vm: Vm, table: dict[int, Handler], unknown_errno: int
+    ) -> Handler | None:
+        """The dispatcher's case for ``call``; None once the request is answered with an error."""
         try:
             vm.check_caller(call)
         except (KvmError, OSError) as error:
             request.fail(error.errno or errno.EIO)
-            return
+            return None
+        handler = table.get(call.cmd)
         if handler is None:
             request.fail(unknown_errno)
-        else:
-            self._start(request, call, target, handler, lock)
+        return handler
 
-    def _start(
-        self,
-        request: IoctlRequest,
-        call: Ioctl,
-        target: object,
-        handler: Handler,
-        lock: trio.Lock | None = None,
-    ) -> None:
-        """Answer now if the case is quick and the object free; else in a task."""
-        if not handler.threaded and (lock is None or not lock.locked()):
+    def _vcpu_ioctl(self, request: IoctlRequest, call: Ioctl, vcpu: Vcpu) -> None:
+        """Quick ioctls of an idle vcpu are answered here; the rest by the vcpu's thread, in order."""
+        handler = self._handler(request, call, vcpu.vm, VCPU_IOCTLS, errno.EINVAL)
+        if handler is None:
+            return
+        thread = self._vcpu_threads.get(vcpu)
+        if thread is None:
+            thread = self._vcpu_threads[vcpu] = VcpuThread(f"vm{vcpu.vm.number}/vcpu{vcpu.vcpu_id}")
+        if not handler.threaded and not thread.busy:
+            self._answer(request, lambda: handler.function(vcpu, call))
+            return
+        function = handler.function
+        if call.cmd == abi.KVM_RUN:
+            function = self._run
+            request.watch_interrupt(vcpu.kick)  # a signal to the client stops the guest: EINTR
+        thread.submit(lambda: self._answer_safely(request, lambda: function(vcpu, call)))
+
+    def _start(self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler) -> None:
+        """Answer now if the case is quick; else from a worker thread."""
+        if not handler.threaded:
             self._answer(request, lambda: handler.function(target, call))
             return
         assert self._nursery is not None
-        self._nursery.start_soon(self._answer_later, request, call, target, handler, lock)
+        self._nursery.start_soon(self._answer_later, request, call, target, handler)
 
-    async def _answer_later(
-        self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler, lock: trio.Lock | None
-    ) -> None:
+    async def _answer_later(self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler) -> None:
         try:
-            with trio.CancelScope() as waiting:
-                request.watch_interrupt(waiting.cancel)
-                if lock is not None:
-                    await lock.acquire()
-            if waiting.cancelled_caught:
-                request.fail(errno.EINTR)
-                return
-            try:
-                function = handler.function
-                if isinstance(target, Vcpu):  # from now on an interrupt kicks the running vcpu
-                    request.on_interrupt = target.kick
-                    if call.cmd == abi.KVM_RUN:
-                        function = self._run
-                outcome = await trio.to_thread.run_sync(_outcome, lambda: function(target, call))
-                self._answer(request, outcome)
-            finally:
-                if lock is not None:
-                    lock.release()
+            outcome = await trio.to_thread.run_sync(_outcome, lambda: handler.function(target, call))
+            self._answer(request, outcome)
         finally:
+            if not request.answered:
+                request.fail(errno.EIO)
+
+    def _answer_safely(self, request: IoctlRequest, compute: Callable[[], Reply]) -> None:
+        """``_answer`` for a vcpu thread: a kvmfs bug is EIO for this request, never a dead thread."""
+        try:
+            self._answer(request, compute)
+        except Exception:
+            log.exception("ioctl %#x failed", request.cmd)
             if not request.answered:
                 request.fail(errno.EIO)
 
@@ -477,12 +479,6 @@ class KvmFs(pyfuse3.Operations):
 
     def _vcpu_path(self, vcpu: Vcpu) -> str:
         return f"{self.mountpoint}/vm{vcpu.vm.number}/vcpu{vcpu.vcpu_id}"
-
-    def _vcpu_lock(self, vcpu: Vcpu) -> trio.Lock:
-        lock = self._vcpu_locks.get(vcpu)
-        if lock is None:
-            lock = self._vcpu_locks[vcpu] = trio.Lock()
-        return lock
 
 
 def _address_of(view: mmap.mmap) -> int:
