@@ -45,6 +45,8 @@ from kvmfs.backends.base import Backend, BackendError, VcpuBackend, VmBackend
 DEFAULT_INNER = "kvmfs.backends.unicorn_x86:UnicornBackend"
 WEDGED_AFTER = 2.0  # seconds a kicked vcpu may take to stop before its worker is killed
 _MESSAGE = 1 << 16  # largest message (a full CPUID table is ~10 KiB)
+# Vcpu calls that change no state: their replies carry no fresh registers.
+_READ_ONLY = frozenset({"get_regs", "get_sregs", "get_fpu", "get_msr", "translate", "get_mp_state"})
 
 
 def _load(spec: str) -> Backend:
@@ -172,28 +174,41 @@ class ProcessVm(VmBackend):
 
 
 class ProcessVcpu(VcpuBackend):
+    """A vcpu in a worker. Its register state is mirrored here, so GET_REGS/SREGS/FPU between runs
+    cost no round trip: every call that may change state (a run included) brings fresh registers
+    back with its reply, and forgets the mirrored sregs and FPU state until they are asked for."""
+
     def __init__(self, vm: ProcessVm, vcpu_id: int, channel: _Channel) -> None:
         self.vm, self.vcpu_id, self.channel = vm, vcpu_id, channel
         self._shared_area: int | None = None  # the address of the run area the worker maps
         self._kicked_at: float | None = None
+        self._mirror: dict[str, ctypes.Structure] = {}
 
-    def _call(self, method: str, *args: object) -> Any:
-        return self.channel.call(method, *args)
+    def _call(self, method: str, *args: object, watchdog: Any = None) -> Any:
+        result, regs = self.channel.call(method, *args, watchdog=watchdog)
+        if regs is not None:  # the call may have changed state: only the registers are known now
+            self._mirror = {"regs": regs}
+        return result
+
+    def _get(self, state: str) -> Any:
+        if state not in self._mirror:
+            self._mirror[state] = self._call(f"get_{state}")
+        return type(self._mirror[state]).from_buffer_copy(self._mirror[state])
 
     def get_regs(self) -> abi.kvm_regs:
-        return self._call("get_regs")
+        return self._get("regs")
 
     def set_regs(self, regs: abi.kvm_regs) -> None:
         self._call("set_regs", regs)
 
     def get_sregs(self) -> abi.kvm_sregs:
-        return self._call("get_sregs")
+        return self._get("sregs")
 
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
         self._call("set_sregs", sregs)
 
     def get_fpu(self) -> abi.kvm_fpu:
-        return self._call("get_fpu")
+        return self._get("fpu")
 
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         self._call("set_fpu", fpu)
@@ -232,7 +247,7 @@ class ProcessVcpu(VcpuBackend):
                 os.close(fd)
             self._shared_area = address
         self._kicked_at = None
-        self.channel.call("run", watchdog=self._watchdog)
+        self._call("run", watchdog=self._watchdog)
 
     def _watchdog(self) -> None:
         kicked_at = self._kicked_at
@@ -273,6 +288,8 @@ def _serve_vcpu(sock: socket.socket, vcpu: VcpuBackend) -> None:
                 result = vcpu.run(run_area[1])
             else:
                 result = getattr(vcpu, method)(*args)
+            if method != "share_run_area":  # send the daemon's mirror fresh registers after a change
+                result = (result, None if method in _READ_ONLY else vcpu.get_regs())
             reply: tuple[int | None, object] = (None, result)
         except BackendError as error:
             reply = (error.errno, None)

@@ -405,6 +405,7 @@ class Vcpu:
         self.backend = backend
         self.run_area = (ctypes.c_char * VCPU_MMAP_SIZE)()
         self.parked = False
+        self.has_run = False
         self.cpuid: list[abi.kvm_cpuid_entry2] = []
 
     @property
@@ -418,6 +419,7 @@ class Vcpu:
         # With immediate_exit KVM completes a pending IN or MMIO read, then returns EINTR
         # leaving exit_reason as it was; the backend reports it as KVM_EXIT_INTR.
         immediate_exit, previous_exit = kvm_run.immediate_exit, kvm_run.exit_reason
+        self.has_run = True
         with vm.running(self):
             for slot in vm.slots.values():
                 for offset, length in slot.ram.refresh():
@@ -503,6 +505,8 @@ def set_cpuid2(vcpu: Vcpu, call: Ioctl) -> int:
         raise KvmError(errno.E2BIG)
     size = ctypes.sizeof(abi.kvm_cpuid_entry2)
     raw = call.read_caller(ctypes.sizeof(abi.kvm_cpuid2), count * size)
+    if vcpu.has_run and raw != b"".join(bytes(entry) for entry in vcpu.cpuid):
+        raise KvmError(errno.EINVAL)  # KVM freezes CPUID once the vcpu has run: only the same table again
     vcpu.cpuid = list((abi.kvm_cpuid_entry2 * count).from_buffer_copy(raw))
     vcpu.backend.set_cpuid(vcpu.cpuid)
     return 0
@@ -535,7 +539,7 @@ def get_mp_state(vcpu: Vcpu, call: Ioctl) -> Reply:
 
 def set_mp_state(vcpu: Vcpu, call: Ioctl) -> int:
     state = call.struct(abi.kvm_mp_state).mp_state
-    if state not in (abi.KVM_MP_STATE_RUNNABLE, abi.KVM_MP_STATE_HALTED, abi.KVM_MP_STATE_UNINITIALIZED):
+    if state != abi.KVM_MP_STATE_RUNNABLE:  # without an in-kernel local APIC, KVM takes nothing else
         raise KvmError(errno.EINVAL)
     vcpu.backend.set_mp_state(state)
     return 0
