@@ -55,12 +55,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = 
 class Daemon:
     """A kvmfs daemon serving ``mountpoint`` in a child process."""
 
-    def __init__(self, mountpoint: Path, log_path: Path) -> None:
+    def __init__(self, mountpoint: Path, log_path: Path, isolation: str = "process") -> None:
         self.mountpoint = mountpoint
+        self.isolation = isolation
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the daemon
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", str(mountpoint)],
+            [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", "--isolation", isolation, str(mountpoint)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -121,11 +122,11 @@ class Daemon:
             self._log.close()
 
 
-def _start(tmp_path_factory: pytest.TempPathFactory) -> Daemon:
+def _start(tmp_path_factory: pytest.TempPathFactory, isolation: str = "process") -> Daemon:
     # Under /tmp itself: tests acting as a second user must be able to reach the mount.
     mountpoint = Path(tempfile.mkdtemp(prefix="kvmfs-test-"))
     os.chmod(mountpoint, 0o755)
-    return Daemon(mountpoint, tmp_path_factory.mktemp("kvmfs") / "daemon.log")
+    return Daemon(mountpoint, tmp_path_factory.mktemp("kvmfs") / "daemon.log", isolation)
 
 
 def _assert_clean(daemon: Daemon) -> None:
@@ -134,15 +135,33 @@ def _assert_clean(daemon: Daemon) -> None:
     assert daemon.process.returncode == 0, f"daemon exit status {daemon.process.returncode}:\n{log}"
 
 
-@pytest.fixture(scope="session")
-def kvmfs_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One mount shared by the session's tests (each test makes its own VMs)."""
-    daemon = _start(tmp_path_factory)
+def _session_daemon(tmp_path_factory: pytest.TempPathFactory, isolation: str) -> Iterator[Daemon]:
+    daemon = _start(tmp_path_factory, isolation)
     try:
         yield daemon
     finally:
         daemon.stop()
     _assert_clean(daemon)
+
+
+@pytest.fixture(scope="session")
+def process_daemon_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    yield from _session_daemon(tmp_path_factory, "process")
+
+
+@pytest.fixture(scope="session")
+def thread_daemon_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    yield from _session_daemon(tmp_path_factory, "thread")
+
+
+ISOLATIONS = ["process", "thread"]
+
+
+@pytest.fixture(params=ISOLATIONS)
+def kvmfs_daemon(request: pytest.FixtureRequest) -> Daemon:
+    """A mount shared by the session's tests (each test makes its own VMs), once per isolation mode:
+    every test against a mount runs with guests in worker processes and in daemon threads."""
+    return request.getfixturevalue(f"{request.param}_daemon_session")
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from kvmfs import abi
 from tests.conftest import Daemon, Target, ioctl_result, wait_until
 from tests.test_robustness import looping_vcpu
@@ -36,7 +38,15 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_a_crashed_worker_fails_only_its_vm(kvmfs: Target, kvmfs_daemon: Daemon) -> None:
+@pytest.fixture
+def process_daemon(kvmfs_daemon: Daemon) -> Daemon:
+    if kvmfs_daemon.isolation != "process":
+        pytest.skip("only worker processes can crash alone; in thread mode a unicorn crash ends the daemon")
+    return kvmfs_daemon
+
+
+def test_a_crashed_worker_fails_only_its_vm(kvmfs: Target, process_daemon: Daemon) -> None:
+    kvmfs_daemon = process_daemon
     doomed_vm = kvmfs.create_vm()
     doomed = kvmfs.create_vcpu(doomed_vm)
     worker = newest_worker(kvmfs_daemon)
@@ -51,7 +61,8 @@ def test_a_crashed_worker_fails_only_its_vm(kvmfs: Target, kvmfs_daemon: Daemon)
     assert ioctl_result(kvmfs.kvm(), abi.KVM_GET_API_VERSION) == 12
 
 
-def test_a_wedged_worker_is_killed_and_its_run_fails(kvmfs: Target, kvmfs_daemon: Daemon) -> None:
+def test_a_wedged_worker_is_killed_and_its_run_fails(kvmfs: Target, process_daemon: Daemon) -> None:
+    kvmfs_daemon = process_daemon
     vcpu, run_area = looping_vcpu(kvmfs)
     worker = newest_worker(kvmfs_daemon)
     signal.signal(signal.SIGUSR1, lambda *_: None)

@@ -1,8 +1,9 @@
 """Differential fixtures: every scenario runs on /dev/kvm and on kvmfs, and kvmfs must match /dev/kvm.
 
-`target` is parametrized over "devkvm" and "kvmfs". The devkvm half skips where /dev/kvm is absent.
-The kvmfs half needs the `kvmfs_mount` fixture (tests/conftest.py); it runs the scenario on the mount
-and, where /dev/kvm exists, also on /dev/kvm, and asserts the two traces are equal. Each test also
+`target` is parametrized over "devkvm" and kvmfs in each isolation mode ("kvmfs-process",
+"kvmfs-thread", on the session mounts of tests/conftest.py). The devkvm half skips where /dev/kvm
+is absent. A kvmfs half runs the scenario on the mount and, where /dev/kvm exists, also on
+/dev/kvm, and asserts the two traces are equal. Each test also
 checks facts it states itself, so both halves mean something on a machine without /dev/kvm.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from kvmfs.client import Kvm
+from tests.conftest import ISOLATIONS, Daemon
 from tests.differential.trace import Trace, assert_same
 
 DEV_KVM = "/dev/kvm"
@@ -61,11 +63,12 @@ class Target:
         return trace
 
 
-@pytest.fixture(params=["devkvm", "kvmfs"])
+@pytest.fixture(params=["devkvm", *(f"kvmfs-{isolation}" for isolation in ISOLATIONS)])
 def target(request: pytest.FixtureRequest) -> Target:
     if request.param == "devkvm":
         if not devkvm_available():
             pytest.skip("/dev/kvm is not available on this machine")
         return Target("devkvm", DEV_KVM)
-    mount: str = request.getfixturevalue("kvmfs_mount")
-    return Target("kvmfs", os.path.join(mount, "kvm"))
+    isolation = request.param.removeprefix("kvmfs-")
+    daemon: Daemon = request.getfixturevalue(f"{isolation}_daemon_session")
+    return Target("kvmfs", os.path.join(daemon.mountpoint, "kvm"))
