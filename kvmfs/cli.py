@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import logging
 import os
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from kvmfs import abi
 
 LAYOUT = """\
 layout of a mount:
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     mount.add_argument("--log", metavar="FILE", help="where the background daemon writes warnings (default: nowhere)")
     umount = commands.add_parser("umount", help="unmount a kvmfs mount")
     umount.add_argument("mountpoint")
+    listing = commands.add_parser("ls", help="list a mount's VMs and vcpus with each vcpu's last exit")
+    listing.add_argument("mountpoint")
     hello = commands.add_parser("hello", help="run the hello-world guest through a mount, in each CPU mode")
     hello.add_argument("mountpoint")
     bench = commands.add_parser("bench", help="measure a mount against /dev/kvm, bare unicorn and raw FUSE")
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args.mountpoint, args)
         if args.command == "umount":
             return _umount(args.mountpoint)
+        if args.command == "ls":
+            return _list(args.mountpoint)
         if args.command == "hello":
             from kvmfs import hello as hello_vmm
 
@@ -144,6 +151,41 @@ def _check_mountpoint(mountpoint: str) -> None:
 def is_kvmfs_mount(mountpoint: str) -> bool:
     with open("/proc/self/mounts") as mounts:
         return any(line.split()[1] == mountpoint and line.split()[2] == "fuse.kvmfs" for line in mounts if line.strip())
+
+
+EXIT_NAMES = {value: name[len("KVM_EXIT_") :] for name, value in vars(abi).items() if name.startswith("KVM_EXIT_")}
+
+
+def describe_exit(kvm_run: abi.kvm_run) -> str:
+    """One line for the exit a vcpu's kvm_run holds, as a VMM would log it."""
+    reason = kvm_run.exit_reason
+    text = EXIT_NAMES.get(reason, f"exit {reason}")
+    if reason == abi.KVM_EXIT_IO:
+        io = kvm_run.io
+        direction = "out" if io.direction == abi.KVM_EXIT_IO_OUT else "in"
+        text += f" {direction} port {io.port:#x} size {io.size} count {io.count}"
+    elif reason == abi.KVM_EXIT_MMIO:
+        mmio = kvm_run.mmio
+        text += f" {'write' if mmio.is_write else 'read'} {mmio.phys_addr:#x} len {mmio.len}"
+    return text
+
+
+def _list(mountpoint: str) -> int:
+    """Reads only files: the VM directories and each vcpu file's kvm_run (its first bytes)."""
+    names = sorted((name for name in os.listdir(mountpoint) if name.startswith("vm")), key=lambda n: int(n[2:]))
+    for name in names:
+        vm_dir = os.path.join(mountpoint, name)
+        try:
+            vcpus = sorted((n for n in os.listdir(vm_dir) if n.startswith("vcpu")), key=lambda n: int(n[4:]))
+        except PermissionError:
+            print(f"{name}  (owner uid {os.stat(vm_dir).st_uid}: not yours)")
+            continue
+        print(f"{name}  (owner uid {os.stat(vm_dir).st_uid}, {len(vcpus)} vcpus)")
+        for vcpu in vcpus:
+            with open(os.path.join(vm_dir, vcpu), "rb") as file:
+                kvm_run = abi.kvm_run.from_buffer_copy(file.read(ctypes.sizeof(abi.kvm_run)))
+            print(f"  {vcpu:<8} last exit: {describe_exit(kvm_run)}")
+    return 0
 
 
 def _umount(mountpoint: str) -> int:

@@ -119,3 +119,16 @@ def test_mount_t_fuse_kvmfs_through_the_helper(mountpoint: str) -> None:
     finally:
         if installed_here:
             HELPER_LINK.unlink()
+
+
+def test_ls_shows_vms_and_the_last_exit_of_each_vcpu(kvmfs_mount: str) -> None:
+    from kvmfs.client import Kvm
+    from kvmfs.guests import CODE, Machine
+
+    with Kvm.open(f"{kvmfs_mount}/kvm") as kvm, Machine(kvm, "long", CODE["long"]) as machine:
+        assert machine.vcpu is not None and machine.vcpu.run() == 2  # KVM_EXIT_IO
+        number = os.readlink(f"/proc/self/fd/{machine.vm.fd}").split("/")[-2]  # type: ignore[union-attr]
+        listing = kvmfs("ls", kvmfs_mount)
+    assert listing.returncode == 0
+    block = listing.stdout.split(f"{number}  (owner uid 0, 1 vcpus)\n")[1]
+    assert block.startswith("  vcpu0    last exit: IO out port 0x3f8 size 1 count 1")
