@@ -128,17 +128,21 @@ class Kvm(_Fd):
 
     def get_supported_cpuid(self, max_entries: int = 64) -> list[abi.kvm_cpuid_entry2]:
         """Supported CPUID leaves, doubling the buffer on E2BIG (the kernel does not report the need)."""
-        count = max_entries
-        while True:
-            buf = _varlen(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, count)(nent=count)
-            try:
-                self.ioctl(abi.KVM_GET_SUPPORTED_CPUID, buf)
-            except OSError as error:
-                if error.errno != errno.E2BIG:
-                    raise
-                count *= 2
-                continue
-            return [abi.kvm_cpuid_entry2.from_buffer_copy(e) for e in buf.entries[: buf.nent]]
+        return _cpuid_entries(self, abi.KVM_GET_SUPPORTED_CPUID, max_entries)
+
+
+def _cpuid_entries(fd: _Fd, cmd: int, count: int) -> list[abi.kvm_cpuid_entry2]:
+    """A kvm_cpuid2-returning ioctl, asked again with twice the room while it answers E2BIG."""
+    while True:
+        buf = _varlen(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, count)(nent=count)
+        try:
+            fd.ioctl(cmd, buf)
+        except OSError as error:
+            if error.errno != errno.E2BIG:
+                raise
+            count *= 2
+            continue
+        return [abi.kvm_cpuid_entry2.from_buffer_copy(e) for e in buf.entries[: buf.nent]]
 
 
 class VmFd(_Fd):
@@ -281,17 +285,7 @@ class VcpuFd(_Fd):
         self.ioctl(abi.KVM_SET_CPUID2, buf)
 
     def get_cpuid2(self, max_entries: int = 64) -> list[abi.kvm_cpuid_entry2]:
-        count = max_entries
-        while True:
-            buf = _varlen(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, count)(nent=count)
-            try:
-                self.ioctl(abi.KVM_GET_CPUID2, buf)
-            except OSError as error:
-                if error.errno != errno.E2BIG:
-                    raise
-                count *= 2
-                continue
-            return [abi.kvm_cpuid_entry2.from_buffer_copy(e) for e in buf.entries[: buf.nent]]
+        return _cpuid_entries(self, abi.KVM_GET_CPUID2, max_entries)
 
     def translate(self, linear_address: int) -> abi.kvm_translation:
         value = abi.kvm_translation(linear_address=linear_address)

@@ -70,20 +70,8 @@ PROTECTED_CODE = hexcode(
     "48656c6c6f2c20776f726c64210a00",  # msg: .asciz "Hello, world!\n"
 )
 
-LONG_CODE = hexcode(
-    # .set LOAD, 0x1000
-    # .code64
-    # start:
-    "66baf803",  # mov $0x3f8, %dx
-    "be12100000",  # mov $(LOAD + msg - start), %esi
-    "ac",  # 1: lodsb
-    "84c0",  # test %al, %al
-    "7403",  # jz 2f
-    "ee",  # out %al, (%dx)
-    "ebf8",  # jmp 1b
-    "f4",  # 2: hlt
-    "48656c6c6f2c20776f726c64210a00",  # msg: .asciz "Hello, world!\n"
-)
+# The same bytes decode to the same program in 64-bit mode (mov to %esi zero-extends into %rsi).
+LONG_CODE = PROTECTED_CODE
 
 BOOT_CODE = hexcode(
     # .set LOAD, 0x1000
