@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import importlib
 import os
 import pickle
 import select
@@ -40,18 +39,13 @@ import time
 from typing import Any
 
 from kvmfs import abi, procmem
+from kvmfs.backends import load
 from kvmfs.backends.base import Backend, BackendError, VcpuBackend, VmBackend
 
-DEFAULT_INNER = "kvmfs.backends.unicorn_x86:UnicornBackend"
 WEDGED_AFTER = 2.0  # seconds a kicked vcpu may take to stop before its worker is killed
 _MESSAGE = 1 << 16  # largest message (a full CPUID table is ~10 KiB)
 # Vcpu calls that change no state: their replies carry no fresh registers.
 _READ_ONLY = frozenset({"get_regs", "get_sregs", "get_fpu", "get_msr", "translate", "get_mp_state"})
-
-
-def _load(spec: str) -> Backend:
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)()
 
 
 class _Channel:
@@ -87,12 +81,12 @@ class _Channel:
 
 
 class ProcessBackend(Backend):
-    """Runs ``inner`` (a "module:Class" backend) in one worker process per VM."""
+    """Runs the backend called ``inner`` (see kvmfs.backends.BACKENDS) in one worker process per VM."""
 
     name = "process"
 
-    def __init__(self, inner: str = DEFAULT_INNER) -> None:
-        self._local = _load(inner)  # answers the static questions; never runs a guest
+    def __init__(self, inner: str = "unicorn") -> None:
+        self._local = load(inner)  # answers the static questions; never runs a guest
         self.name = f"{self._local.name} (one process per VM)"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The zygote exits when the daemon does (its channel closes); so do the workers.
@@ -336,7 +330,7 @@ def _serve_vm(sock: socket.socket, backend: Backend) -> None:
 
 def _zygote(inner: str, control: socket.socket) -> None:
     """Fork one worker per "spawn" request, with the backend already imported."""
-    backend = _load(inner)
+    backend = load(inner)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     while True:

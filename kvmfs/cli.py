@@ -13,6 +13,7 @@ import tempfile
 import time
 
 from kvmfs import abi
+from kvmfs.backends import BACKENDS
 
 LAYOUT = """\
 layout of a mount:
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         default="process",
         help="run each VM's guest in a worker process of its own (default), or in daemon threads",
     )
+    mount.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="unicorn",
+        help="what runs the guests: unicorn (default), or kvm, a passthrough to this machine's /dev/kvm",
+    )
     mount.add_argument("--log", metavar="FILE", help="where the background daemon writes warnings (default: nowhere)")
     umount = commands.add_parser("umount", help="unmount a kvmfs mount")
     umount.add_argument("mountpoint")
@@ -90,11 +97,12 @@ def _mount(mountpoint: str, args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(mountpoint)
     _check_mountpoint(mountpoint)
     if args.foreground or args.debug:
-        return _serve(mountpoint, args.debug, args.isolation)
+        return _serve(mountpoint, args.debug, args.isolation, args.backend)
     log = args.log
     # Start the daemon, wait until the mount answers, and leave it running. Its output goes
     # to the log file, or to an anonymous file shown here if it fails to start.
-    command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", "--isolation", args.isolation, mountpoint]
+    command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", mountpoint]
+    command += ["--isolation", args.isolation, "--backend", args.backend]
     output = open(log, "ab") if log else tempfile.TemporaryFile()  # noqa: SIM115 - the daemon's from now on
     with output:
         daemon = subprocess.Popen(
@@ -114,14 +122,14 @@ def _mount(mountpoint: str, args: argparse.Namespace) -> int:
     raise CliError(f"timed out waiting for {mountpoint} to be mounted")
 
 
-def _serve(mountpoint: str, debug: bool, isolation: str) -> int:
+def _serve(mountpoint: str, debug: bool, isolation: str, backend_name: str) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="kvmfs: %(message)s")
     from kvmfs import fs  # imports pyfuse3 (after the ioctl shim)
+    from kvmfs.backends import load
     from kvmfs.backends.process import ProcessBackend
-    from kvmfs.backends.unicorn_x86 import UnicornBackend
     from kvmfs.objects import System
 
-    backend = ProcessBackend() if isolation == "process" else UnicornBackend()
+    backend = ProcessBackend(backend_name) if isolation == "process" else load(backend_name)
     try:
         fs.serve(System(backend), mountpoint, debug=debug)
     except RuntimeError as error:  # pyfuse3: fuse_session_mount failed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 
 from kvmfs import abi, procmem
 
@@ -69,9 +70,14 @@ class GuestRam:
         self._reference = mmap.mmap(-1, size)
         self.address = _address(self.memory)
         self._reference_address = _address(self._reference)
+        self._lock = threading.Lock()
 
     def refresh(self) -> list[Range]:
         """Before a run: take in what the client changed since the last one; return the changed ranges."""
+        with self._lock:  # vcpus of one VM run, and so refresh and publish, in parallel
+            return self._refresh()
+
+    def _refresh(self) -> list[Range]:
         if self.shared:  # the client wrote in place: only remember it
             source, target = self.address, self._reference_address
         else:  # read the client's pages, and copy the changed ones into the guest's view
@@ -84,6 +90,10 @@ class GuestRam:
 
     def publish(self) -> None:
         """After a run: give the client the pages the guest wrote (private memory: copy them back)."""
+        with self._lock:
+            self._publish()
+
+    def _publish(self) -> None:
         for offset, length in changed_pages(self.address, self._reference_address, self.size):
             if not self.shared:
                 procmem.write_from(self.pid, self.userspace_addr + offset, self.address + offset, length)

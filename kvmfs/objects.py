@@ -260,6 +260,12 @@ class Vm:
             slot.ram.close()
         self.slots.clear()
 
+    def refresh_memory(self) -> None:
+        """Take in what the client wrote to guest memory, and drop code translated from it."""
+        for slot in list(self.slots.values()):
+            for offset, length in slot.ram.refresh():
+                self.backend.memory_changed(slot.guest_phys_addr + offset, length)
+
     def check_caller(self, call: Ioctl) -> None:
         """KVM refuses VM and vcpu ioctls from any process but the VM's creator (EIO)."""
         if self.dead:
@@ -421,9 +427,7 @@ class Vcpu:
         immediate_exit, previous_exit = kvm_run.immediate_exit, kvm_run.exit_reason
         self.has_run = True
         with vm.running(self):
-            for slot in vm.slots.values():
-                for offset, length in slot.ram.refresh():
-                    vm.backend.memory_changed(slot.guest_phys_addr + offset, length)
+            vm.refresh_memory()
             try:
                 self.backend.run(self.run_area)
                 while kvm_run.exit_reason == abi.KVM_EXIT_INTR and vm.park_if_paused(self):
@@ -522,6 +526,7 @@ def get_cpuid2(vcpu: Vcpu, call: Ioctl) -> Reply:
 
 
 def translate(vcpu: Vcpu, call: Ioctl) -> Reply:
+    vcpu.vm.refresh_memory()  # the page tables are the client's, maybe written since the last run
     return 0, vcpu.backend.translate(call.struct(abi.kvm_translation).linear_address)
 
 
@@ -566,7 +571,7 @@ VCPU_IOCTLS: dict[int, Handler] = {
     abi.KVM_SET_MSRS: Handler(set_msrs, threaded=True),
     abi.KVM_SET_CPUID2: Handler(set_cpuid2, threaded=True),
     abi.KVM_GET_CPUID2: Handler(get_cpuid2, threaded=True),
-    abi.KVM_TRANSLATE: Handler(translate),
+    abi.KVM_TRANSLATE: Handler(translate, threaded=True),
     abi.KVM_INTERRUPT: Handler(interrupt),
     abi.KVM_GET_MP_STATE: Handler(get_mp_state),
     abi.KVM_SET_MP_STATE: Handler(set_mp_state),

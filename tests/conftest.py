@@ -55,13 +55,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = 
 class Daemon:
     """A kvmfs daemon serving ``mountpoint`` in a child process."""
 
-    def __init__(self, mountpoint: Path, log_path: Path, isolation: str = "process") -> None:
+    def __init__(self, mountpoint: Path, log_path: Path, isolation: str = "process", backend: str = "unicorn") -> None:
         self.mountpoint = mountpoint
         self.isolation = isolation
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the daemon
+        command = [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", str(mountpoint)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kvmfs.cli", "mount", "--foreground", "--isolation", isolation, str(mountpoint)],
+            [*command, "--isolation", isolation, "--backend", backend],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -122,11 +123,11 @@ class Daemon:
             self._log.close()
 
 
-def _start(tmp_path_factory: pytest.TempPathFactory, isolation: str = "process") -> Daemon:
+def _start(tmp_path_factory: pytest.TempPathFactory, isolation: str = "process", backend: str = "unicorn") -> Daemon:
     # Under /tmp itself: tests acting as a second user must be able to reach the mount.
     mountpoint = Path(tempfile.mkdtemp(prefix="kvmfs-test-"))
     os.chmod(mountpoint, 0o755)
-    return Daemon(mountpoint, tmp_path_factory.mktemp("kvmfs") / "daemon.log", isolation)
+    return Daemon(mountpoint, tmp_path_factory.mktemp("kvmfs") / "daemon.log", isolation, backend)
 
 
 def _assert_clean(daemon: Daemon) -> None:
@@ -135,8 +136,10 @@ def _assert_clean(daemon: Daemon) -> None:
     assert daemon.process.returncode == 0, f"daemon exit status {daemon.process.returncode}:\n{log}"
 
 
-def _session_daemon(tmp_path_factory: pytest.TempPathFactory, isolation: str) -> Iterator[Daemon]:
-    daemon = _start(tmp_path_factory, isolation)
+def _session_daemon(
+    tmp_path_factory: pytest.TempPathFactory, isolation: str, backend: str = "unicorn"
+) -> Iterator[Daemon]:
+    daemon = _start(tmp_path_factory, isolation, backend)
     try:
         yield daemon
     finally:
@@ -152,6 +155,14 @@ def process_daemon_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="session")
 def thread_daemon_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     yield from _session_daemon(tmp_path_factory, "thread")
+
+
+@pytest.fixture(scope="session")
+def passthrough_daemon_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """kvmfs over this machine's /dev/kvm (--backend kvm): what differs from /dev/kvm is kvmfs's own."""
+    if not os.access(DEV_KVM, os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is not available on this machine")
+    yield from _session_daemon(tmp_path_factory, "process", "kvm")
 
 
 ISOLATIONS = ["process", "thread"]

@@ -44,9 +44,10 @@ def record(kvm_path: str, scenario: Scenario, *args: Any) -> Trace:
 class Target:
     """Where a scenario runs: /dev/kvm, or a kvmfs mount checked against /dev/kvm."""
 
-    def __init__(self, name: str, kvm_path: str) -> None:
+    def __init__(self, name: str, kvm_path: str, on_kvm: bool) -> None:
         self.name = name
         self.kvm_path = kvm_path
+        self.on_kvm = on_kvm  # guests run on this machine's KVM (/dev/kvm, or kvmfs's passthrough backend)
 
     def __repr__(self) -> str:
         return f"Target({self.name}, {self.kvm_path})"
@@ -63,12 +64,13 @@ class Target:
         return trace
 
 
-@pytest.fixture(params=["devkvm", *(f"kvmfs-{isolation}" for isolation in ISOLATIONS)])
+@pytest.fixture(params=["devkvm", *(f"kvmfs-{isolation}" for isolation in ISOLATIONS), "kvmfs-passthrough"])
 def target(request: pytest.FixtureRequest) -> Target:
+    """Where to run: /dev/kvm; kvmfs on unicorn in each isolation mode; kvmfs over /dev/kvm itself."""
     if request.param == "devkvm":
         if not devkvm_available():
             pytest.skip("/dev/kvm is not available on this machine")
-        return Target("devkvm", DEV_KVM)
-    isolation = request.param.removeprefix("kvmfs-")
-    daemon: Daemon = request.getfixturevalue(f"{isolation}_daemon_session")
-    return Target("kvmfs", os.path.join(daemon.mountpoint, "kvm"))
+        return Target("devkvm", DEV_KVM, on_kvm=True)
+    mode = request.param.removeprefix("kvmfs-")
+    daemon: Daemon = request.getfixturevalue(f"{mode}_daemon_session")
+    return Target("kvmfs", os.path.join(daemon.mountpoint, "kvm"), on_kvm=mode == "passthrough")

@@ -176,7 +176,7 @@ def debug(kvm: Kvm, t: Trace, code: bytes, control: int) -> None:
 
 
 def test_int3_sw_breakpoint(target: Target) -> None:
-    if PVM and target.name == "devkvm":
+    if PVM and target.on_kvm:
         pytest.xfail("kvm_pvm delivers int3 to the guest (real mode) or fails with an internal error")
     trace = target.trace(debug, programs.DEBUG, abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_SW_BP, compare=not PVM)
     assert reasons(trace) == [DEBUG, HLT]
