@@ -113,7 +113,10 @@ class VmBackend(abc.ABC):
 
     @abc.abstractmethod
     def memory_changed(self, guest_phys_addr: int, size: int) -> None:
-        """Someone other than the guest wrote this range: forget code translated from it."""
+        """Someone other than the guest wrote this range: forget code translated from it.
+
+        Like map_memory and unmap_memory, called only while no vcpu of the VM is in the guest.
+        """
 
     @abc.abstractmethod
     def close(self) -> None: ...

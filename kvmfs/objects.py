@@ -261,10 +261,20 @@ class Vm:
         self.slots.clear()
 
     def refresh_memory(self) -> None:
-        """Take in what the client wrote to guest memory, and drop code translated from it."""
-        for slot in list(self.slots.values()):
-            for offset, length in slot.ram.refresh():
-                self.backend.memory_changed(slot.guest_phys_addr + offset, length)
+        """Take in what the client wrote to guest memory, and drop code translated from it.
+
+        Called outside ``running``: dropping code pauses the VM's running vcpus (the backend
+        must not touch a vcpu inside the guest), which the caller must not be one of.
+        """
+        changed = [
+            (slot.guest_phys_addr + offset, length)
+            for slot in list(self.slots.values())
+            for offset, length in slot.ram.refresh()
+        ]
+        if changed:
+            with self.paused():
+                for gpa, length in changed:
+                    self.backend.memory_changed(gpa, length)
 
     def check_caller(self, call: Ioctl) -> None:
         """KVM refuses VM and vcpu ioctls from any process but the VM's creator (EIO)."""
@@ -426,8 +436,8 @@ class Vcpu:
         # leaving exit_reason as it was; the backend reports it as KVM_EXIT_INTR.
         immediate_exit, previous_exit = kvm_run.immediate_exit, kvm_run.exit_reason
         self.has_run = True
+        vm.refresh_memory()
         with vm.running(self):
-            vm.refresh_memory()
             try:
                 self.backend.run(self.run_area)
                 while kvm_run.exit_reason == abi.KVM_EXIT_INTR and vm.park_if_paused(self):

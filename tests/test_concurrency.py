@@ -79,13 +79,17 @@ def spin(kvm: Kvm) -> float:
 async def test_two_guests_compute_on_two_cores(kvmfs_mount: str) -> None:
     with Kvm.open(f"{kvmfs_mount}/kvm") as kvm:
         alone = min([await trio.to_thread.run_sync(spin, kvm) for _ in range(2)])
-        start = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(2):
-                nursery.start_soon(trio.to_thread.run_sync, spin, kvm)
-        together = time.perf_counter() - start
+        together = min([await two_at_once(kvm) for _ in range(3)])  # best of three: the machine may be busy
     # On one core two guests would take twice as long as one; allow for a busy machine.
     assert together < 1.6 * alone, f"one guest {alone:.3f} s, two at once {together:.3f} s"
+
+
+async def two_at_once(kvm: Kvm) -> float:
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(trio.to_thread.run_sync, spin, kvm)
+    return time.perf_counter() - start
 
 
 def test_kvm_run_from_any_client_thread(kvmfs_mount: str) -> None:
