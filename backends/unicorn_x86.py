@@ -5,7 +5,9 @@ is the daemon's memory mapped with ``mem_map_ptr`` into every vcpu; what no slot
 is MMIO. Exits are exact without per-instruction hooks: an IN/OUT/CPU-exception hook
 saves the context (patched to KVM's post-exit view), calls ``emu_stop`` and the context
 is restored once the engine has stopped; MMIO faults leave the engine at the faulting
-instruction, which one extra single step completes with the client's data.
+instruction. The backend completes IN and the common MMIO forms itself (register write,
+RIP advance); other MMIO instructions are single-stepped with the client's data, which
+is slow (unicorn drops all translated code after a counted run).
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ _FAULTS = frozenset((0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21))  # the
 _DR6_SINGLESTEP = 0xFFFF4FF0  # DR6.BS with the always-one bits, as /dev/kvm reports it
 _CR4_ALLOWED = 0x7FF | (1 << 16) | (1 << 18) | (1 << 20) | (1 << 21) | (1 << 22)
 _EFER_ALLOWED = 0x1 | S.EFER_LME | S.EFER_LMA | S.EFER_NXE
+_REGS = struct.Struct("<18Q")  # kvm_regs, and QEMU's regs[16], eip, eflags
+_SREGS_TAIL = struct.Struct("<7Q4Q")  # kvm_sregs from cr0: cr0 cr2 cr3 cr4 cr8 efer apic_base, interrupt_bitmap
 _TRIPLE_FAULT = -1
+_KICK_RETRY = 0.0005  # seconds between repeated stops while a kicked run has not ended
+_KICK_PATIENCE = 0.1  # a kick gives up waiting (the run still ends at its next exit)
 
 # the MSRs this backend keeps, in KVM_GET_MSR_INDEX_LIST order
 _MSRS = (
@@ -142,6 +148,7 @@ class UnicornVm(VmBackend):
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
+        self.slots.clear()
 
 
 class _Exit(Exception):
@@ -156,15 +163,16 @@ class UnicornVcpu(VcpuBackend):
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self.ctx = S.Context(self.uc)
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # notified when a run ends
         self._running = False
         self._kicked = False
         self._exit: tuple | None = None  # set by a hook: the exit the stopped engine owes
         self._fault: tuple[int, int, int, int] | None = None  # last memory fault: access, addr, size, value
-        self._in_data: list[int] = []  # IN values the client supplied, consumed by the IN hook
         self._in_rip: int | None = None
         self._last_in = (0, 0)  # (count, size) of the IN exit awaiting data
         self._area: ctypes.Array | None = None
-        self._mmio_read: tuple[int, int, int] | None = None  # (rip, phys, size) awaiting client data
+        # (rip, phys, size, decoded instruction or None) of the MMIO read awaiting client data
+        self._mmio_read: tuple[int, int, int, S.MemoryAccess | None] | None = None
         self._step_read: bytes | None = None
         self._pending_irq: int | None = None
         self._debug = 0
@@ -177,11 +185,13 @@ class UnicornVcpu(VcpuBackend):
         self._tsc_offset = 0
         self._seg_shadow: dict[str, tuple[bytes, tuple]] = {}
         uc = self.uc
-        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
-        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
-        uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_WRITE_PROT, self._on_fault)
+        self._hooks = [
+            uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
+            uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
+            uc.hook_add(unicorn.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
+            uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt),
+            uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_WRITE_PROT, self._on_fault),
+        ]
         self._reset()
 
     # --- reset state ---------------------------------------------------------------------
@@ -209,7 +219,7 @@ class UnicornVcpu(VcpuBackend):
 
     def get_regs(self) -> abi.kvm_regs:
         data = self.ctx.save()
-        values = struct.unpack_from("<18Q", data, 0)
+        values = _REGS.unpack_from(data, 0)
         regs = abi.kvm_regs(*(values[i] for i in S.KVM_TO_QEMU_REG))
         regs.rip, regs.rflags = values[16], values[17]
         return regs
@@ -220,38 +230,33 @@ class UnicornVcpu(VcpuBackend):
         self.ctx.restore()
 
     def _write_regs(self, data: memoryview, regs: abi.kvm_regs) -> None:
-        values = [getattr(regs, name) for name, _ in abi.kvm_regs._fields_]
-        for kvm_index, qemu_index in enumerate(S.KVM_TO_QEMU_REG):
-            struct.pack_into("<Q", data, 8 * qemu_index, values[kvm_index])
-        struct.pack_into("<Q", data, S.RIP, regs.rip)
+        values = _REGS.unpack(bytes(regs))
+        leaves_vm86 = self.ctx.u64(S.RFLAGS) & S.RFLAGS_VM
         # /dev/kvm forces bit 1 and drops VM (checked on this host)
-        struct.pack_into("<Q", data, S.RFLAGS, (regs.rflags | 2) & ~S.RFLAGS_VM)
-        struct.pack_into("<I", data, S.HFLAGS, S.compute_hflags(data))
+        rflags = (values[17] | 2) & ~S.RFLAGS_VM
+        _REGS.pack_into(data, 0, *(values[i] for i in S.QEMU_TO_KVM_REG), values[16], rflags)
+        if leaves_vm86:  # the only register-file change that moves QEMU's hflags
+            struct.pack_into("<I", data, S.HFLAGS, S.compute_hflags(data))
 
     def get_sregs(self) -> abi.kvm_sregs:
+        """Built as one byte string: filling the ctypes struct field by field costs 2x more."""
         data = self.ctx.save()
-        sregs = abi.kvm_sregs()
-        for name, offset in S.SEG_OFFSETS.items():
-            raw = S._SEG.unpack_from(data, offset)
+        parts = []
+        for name in abi.SEGMENT_NAMES:
+            offset = S.SEG_OFFSETS[name]
             shadow = self._seg_shadow.get(name)
-            if shadow and shadow[1] == raw:
-                setattr(sregs, name, abi.kvm_segment.from_buffer_copy(shadow[0]))
+            if shadow and shadow[1] == S._SEG.unpack_from(data, offset):
+                parts.append(shadow[0])
             else:
-                setattr(sregs, name, S.read_segment(data, offset))
-        for name, offset in (("gdt", S.GDT), ("idt", S.IDT)):
-            table = getattr(sregs, name)
-            table.base = self.ctx.u64(offset + 8)
-            table.limit = struct.unpack_from("<I", data, offset + 16)[0] & 0xFFFF
-        sregs.cr0 = self.ctx.u64(S.CR)
-        sregs.cr2 = self.ctx.u64(S.CR + 16)
-        sregs.cr3 = self.ctx.u64(S.CR + 24)
-        sregs.cr4 = self.ctx.u64(S.CR + 32)
-        sregs.cr8 = self._cr8
-        sregs.efer = self.ctx.u64(S.EFER)
-        sregs.apic_base = self._apic_base
+                parts.append(S.segment_bytes(data, offset))
+        for offset in (S.GDT, S.IDT):
+            parts.append(S.KVM_DTABLE.pack(self.ctx.u64(offset + 8), data[offset + 16] | data[offset + 17] << 8))
+        crs = [self.ctx.u64(S.CR + 8 * i) for i in (0, 2, 3, 4)]
+        bitmap = [0] * 4
         if self._pending_irq is not None:
-            sregs.interrupt_bitmap[self._pending_irq // 64] = 1 << (self._pending_irq % 64)
-        return sregs
+            bitmap[self._pending_irq // 64] = 1 << (self._pending_irq % 64)
+        parts.append(_SREGS_TAIL.pack(*crs, self._cr8, self.ctx.u64(S.EFER), self._apic_base, *bitmap))
+        return abi.kvm_sregs.from_buffer_copy(b"".join(parts))
 
     def _check_sregs(self, sregs: abi.kvm_sregs) -> None:
         """KVM's kvm_is_valid_sregs and apic-base checks: EINVAL, nothing changed."""
@@ -358,37 +363,55 @@ class UnicornVcpu(VcpuBackend):
         self._debug = debug.control if debug.control & abi.KVM_GUESTDBG_ENABLE else 0
 
     def kick(self) -> None:
-        with self._lock:
-            if not self._running:
-                return
-            self._kicked = True
-        self.uc.emu_stop()
-        # emu_start clears a stop requested just before it began: repeat once, later
-        threading.Timer(0.002, self._rekick).start()
+        """Stop the run in progress, repeating the stop until the run has ended.
 
-    def _rekick(self) -> None:
+        emu_start discards a stop requested before it has begun, and a run checks the kick
+        flag only between engine entries: a kick landing between the check and the start
+        would be lost. The wait is short (the engine stops at its next block); no thread.
+        """
         with self._lock:
-            if self._running and self._kicked:
+            deadline = time.monotonic() + _KICK_PATIENCE
+            while self._running and self.uc is not None:
+                self._kicked = True
                 self.uc.emu_stop()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._ended.wait(min(remaining, _KICK_RETRY))
 
     def close(self) -> None:
-        self.uc = None  # type: ignore[assignment]
+        """Free the unicorn instance now rather than at the next cyclic GC.
+
+        The hooks hold bound methods of this vcpu, which holds the instance: delete them,
+        then release the engine explicitly, since the binding's callback wrappers form
+        ctypes.cast reference cycles of their own that still point at the Uc object.
+        """
+        with self._lock:
+            uc, self.uc = self.uc, None  # type: ignore[assignment]
         self._area = None  # the fs layer unmaps kvm_run next: no view of it may survive
+        if uc is None:
+            return
+        for handle in self._hooks:
+            uc.hook_del(handle)
+        self._hooks.clear()
+        self.ctx.close()
+        uc._Uc__finalizer()  # uc_close; the binding does it at garbage collection otherwise
 
     # --- page tables ---------------------------------------------------------------------
 
     def _read_phys(self, address: int, size: int) -> bytes | None:
-        try:
-            return bytes(self.uc.mem_read(address, size))
-        except unicorn.UcError:
+        """Guest RAM read straight from the slot's host memory (uc.mem_read costs 3 us)."""
+        slot = self.vm.slot_at(address)
+        if slot is None:
             return None
+        return ctypes.string_at(slot.host + address - slot.gpa, min(size, slot.gpa + slot.size - address))
 
     def _walk(self, linear: int) -> int | None:
         """Guest-physical address of ``linear`` under the paging mode in the saved context."""
         ctx = self.ctx
-        cr0, cr3, cr4, efer = ctx.u64(S.CR), ctx.u64(S.CR + 24), ctx.u64(S.CR + 32), ctx.u64(S.EFER)
-        if not cr0 & S.CR0_PG:
+        if not ctx.u64(S.CR) & S.CR0_PG:
             return linear
+        cr3, cr4, efer = ctx.u64(S.CR + 24), ctx.u64(S.CR + 32), ctx.u64(S.EFER)
         addr_mask = (1 << 52) - 1 & ~0xFFF
         if efer & S.EFER_LMA:
             table, shifts, width = cr3 & addr_mask, (39, 30, 21, 12), 8
@@ -428,12 +451,18 @@ class UnicornVcpu(VcpuBackend):
             out, linear, size = out + data, linear + chunk, size - chunk
         return out
 
-    def _write_linear(self, linear: int, value: bytes) -> bool:
-        for i, byte in enumerate(value):
-            phys = self._walk(linear + i)
-            if phys is None or self.vm.slot_at(phys) is None:
+    def _write_linear(self, linear: int, value: bytes, rom: bool = True) -> bool:
+        """Write guest RAM page by page and drop code translated from it (uc.mem_write does not,
+        unlike a guest store); False at the first byte that is not RAM (or ROM, unless ``rom``)."""
+        while value:
+            chunk = min(len(value), _PAGE - (linear & 0xFFF))
+            phys = self._walk(linear)
+            slot = None if phys is None else self.vm.slot_at(phys)
+            if slot is None or (slot.readonly and not rom):
                 return False
-            self.uc.mem_write(phys, bytes((byte,)))
+            self.uc.mem_write(phys, value[:chunk])
+            self.uc.ctl_remove_cache(phys, phys + chunk)
+            linear, value = linear + chunk, value[chunk:]
         return True
 
     # --- hooks (they run inside emu_start) ---------------------------------------------
@@ -441,7 +470,7 @@ class UnicornVcpu(VcpuBackend):
     def _stop_with(self, exit_: tuple) -> memoryview:
         """Save the context (with the real RFLAGS, which QEMU keeps lazily while running)."""
         data = self.ctx.save()
-        struct.pack_into("<Q", data, S.RFLAGS, self.uc.reg_read(X.UC_X86_REG_EFLAGS))
+        struct.pack_into("<Q", data, S.RFLAGS, self.ctx.live_eflags())
         self._exit = exit_
         self.uc.emu_stop()
         return data
@@ -449,23 +478,8 @@ class UnicornVcpu(VcpuBackend):
     def _decode_io(self, data: memoryview) -> tuple[int, bool, bool, int]:
         """(length, string, rep, address size in bytes) of the IN/OUT/INS/OUTS at RIP."""
         hflags = struct.unpack_from("<I", data, S.HFLAGS)[0]
-        cs_base = struct.unpack_from("<Q", data, S.SEG_OFFSETS["cs"] + 8)[0]
-        rip = struct.unpack_from("<Q", data, S.RIP)[0]
-        code = self._read_linear(cs_base + rip, 15) or b""
-        addr = 8 if hflags & S.HF_CS64 else 4 if hflags & S.HF_CS32 else 2
-        rep = False
-        for length, byte in enumerate(code):
-            if byte == 0x67:
-                addr = 4 if hflags & S.HF_CS64 or not hflags & S.HF_CS32 else 2
-            elif byte in (0xF2, 0xF3):
-                rep = True
-            elif byte in (0x66, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0xF0) or (
-                hflags & S.HF_CS64 and 0x40 <= byte <= 0x4F
-            ):
-                pass
-            else:
-                return length + (2 if byte in (0xE4, 0xE5, 0xE6, 0xE7) else 1), 0x6C <= byte <= 0x6F, rep, addr
-        return 1, False, False, addr
+        code = self._read_linear(self._linear_rip(self.ctx.u64(S.RIP)), 15) or b""
+        return S.decode_io(code, hflags)
 
     def _on_out(self, uc: unicorn.Uc, port: int, size: int, value: int, _: object) -> None:
         if self._exit is not None:
@@ -483,7 +497,7 @@ class UnicornVcpu(VcpuBackend):
         """KVM's state after ``count`` iterations of a string I/O instruction."""
         mask = (1 << (8 * addr)) - 1
         rflags = struct.unpack_from("<Q", data, S.RFLAGS)[0]
-        step = -size if rflags & (1 << 10) else size
+        step = -size if rflags & S.RFLAGS_DF else size
         pointer = struct.unpack_from("<Q", data, reg)[0]
         struct.pack_into("<Q", data, reg, (pointer & ~mask) | ((pointer + step * count) & mask))
         if rep:
@@ -497,15 +511,13 @@ class UnicornVcpu(VcpuBackend):
     def _on_in(self, uc: unicorn.Uc, port: int, size: int, _: object) -> int:
         if self._exit is not None:
             return 0
-        if self._in_data:
-            return self._in_data.pop(0)
         data = self._stop_with(("io", abi.KVM_EXIT_IO_IN, port, size, 1, 0))
         _, string, rep, addr = self._decode_io(data)
         if string:
             # KVM batches INS up to the end of the destination page
             rdi = struct.unpack_from("<Q", data, S.REGS + 7 * 8)[0] & ((1 << (8 * addr)) - 1)
             rflags = struct.unpack_from("<Q", data, S.RFLAGS)[0]
-            in_page = ((rdi & 0xFFF) + size if rflags & (1 << 10) else _PAGE - (rdi & 0xFFF)) // size
+            in_page = ((rdi & 0xFFF) + size if rflags & S.RFLAGS_DF else _PAGE - (rdi & 0xFFF)) // size
             rcx = struct.unpack_from("<Q", data, S.REGS + 8)[0] & ((1 << (8 * addr)) - 1)
             count = max(1, min(rcx if rep else 1, in_page, _PAGE // size))
             self._exit = ("io", abi.KVM_EXIT_IO_IN, port, size, count, 0)
@@ -557,7 +569,9 @@ class UnicornVcpu(VcpuBackend):
         finally:
             with self._lock:
                 self._running = False
-        rflags = self.uc.reg_read(X.UC_X86_REG_RFLAGS)
+                self._ended.notify_all()
+        self.ctx.save()
+        rflags = self.ctx.u64(S.RFLAGS)
         kvm_run.if_flag = int(bool(rflags & S.RFLAGS_IF))
         kvm_run.ready_for_interrupt_injection = int(bool(rflags & S.RFLAGS_IF) and self._pending_irq is None)
         kvm_run.flags = 0
@@ -565,31 +579,64 @@ class UnicornVcpu(VcpuBackend):
         kvm_run.apic_base = self._apic_base
 
     def _rip(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RIP)
+        """The live RIP (through a context copy: cheaper than reg_read); overwrites ``ctx.data``."""
+        self.ctx.save()
+        return self.ctx.u64(S.RIP)
 
     def _complete(self, kvm_run: abi.kvm_run, run: ctypes.Array) -> None:
-        """Finish the instruction the previous exit left half done, with the client's data."""
+        """Finish the instruction the previous exit left half done, with the client's data.
+
+        Like KVM, only if RIP is still at it (the client may have moved it).
+        """
         if self._in_rip is not None:
-            if self._rip() == self._in_rip:
-                io = self._last_in
-                raw = bytes(run[_PIO_DATA : _PIO_DATA + io[0] * io[1]])
-                self._in_data = [int.from_bytes(raw[i : i + io[1]], "little") for i in range(0, len(raw), io[1])]
-                self._in_rip = None
-                self._settle(kvm_run, self._step(len(self._in_data)))
-                self._in_data.clear()
-            self._in_rip = None
-        if self._mmio_read is not None:
-            rip, phys, size = self._mmio_read
-            self._mmio_read = None
+            rip, self._in_rip = self._in_rip, None
             if self._rip() == rip:
-                self._step_read = bytes(kvm_run.mmio.data)[:size]
-                self._mmio_step(kvm_run, phys)
+                self._complete_in(kvm_run, run)
+        if self._mmio_read is not None:
+            (rip, phys, size, access), self._mmio_read = self._mmio_read, None
+            if self._rip() == rip:
+                raw = bytes(kvm_run.mmio.data)[:size]
+                if access is None:
+                    self._step_read = raw
+                    self._mmio_step(kvm_run, phys)
+                else:
+                    self._retire(access, int.from_bytes(raw, "little"))
+
+    def _complete_in(self, kvm_run: abi.kvm_run, run: ctypes.Array) -> None:
+        """Put the client's IN data in AL/AX/EAX or, for INS, at ES:RDI, and move on as KVM does.
+
+        Writing the result directly avoids single-stepping the IN, which costs a TB flush.
+        """
+        count, size = self._last_in
+        raw = bytes(run[_PIO_DATA : _PIO_DATA + count * size])
+        data = self.ctx.data  # current: _complete just saved it
+        length, string, rep, addr = self._decode_io(data)
+        if string:
+            if not self._store_ins(data, raw, size, addr):
+                self._internal_error(kvm_run)  # INS into MMIO or ROM: not supported
+            self._advance_string(data, S.REGS + 7 * 8, size, addr, rep, length, count)
+        else:
+            rax = self.ctx.u64(S.REGS)
+            self.ctx.put64(S.REGS, S.merge_register(rax, int.from_bytes(raw, "little"), size))
+            self.ctx.put64(S.RIP, self.ctx.u64(S.RIP) + length)
+        self.ctx.restore()
+
+    def _store_ins(self, data: memoryview, raw: bytes, size: int, addr: int) -> bool:
+        """Write INS data at ES:RDI onwards (downwards when DF is set); False unless all RAM."""
+        rdi = self.ctx.u64(S.REGS + 7 * 8) & ((1 << (8 * addr)) - 1)
+        es_base = struct.unpack_from("<Q", data, S.SEG_OFFSETS["es"] + 8)[0]
+        if self.ctx.u64(S.RFLAGS) & S.RFLAGS_DF:
+            items = [raw[i : i + size] for i in range(0, len(raw), size)]
+            raw, rdi = b"".join(reversed(items)), rdi - len(raw) + size
+        return self._write_linear(es_base + rdi, raw, rom=False)
 
     def _loop(self, kvm_run: abi.kvm_run) -> None:
-        rflags = self.uc.reg_read(X.UC_X86_REG_RFLAGS)
+        self.ctx.save()
+        rflags = self.ctx.u64(S.RFLAGS)
         if rflags & S.RFLAGS_RF:
             # RF only marks an instruction restarted after an exit; entering the guest clears it
-            self.uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~S.RFLAGS_RF)
+            self.ctx.put64(S.RFLAGS, rflags & ~S.RFLAGS_RF)
+            self.ctx.restore()
         while True:
             if self._pending_irq is not None:
                 vector, self._pending_irq = self._pending_irq, None
@@ -616,9 +663,11 @@ class UnicornVcpu(VcpuBackend):
         kvm_run.exit_reason = reason
         raise _Exit
 
-    def _linear_rip(self) -> int:
-        data = self.ctx.save()
-        return (struct.unpack_from("<Q", data, S.SEG_OFFSETS["cs"] + 8)[0] + self.ctx.u64(S.RIP)) & _MASK64
+    def _linear_rip(self, rip: int | None = None) -> int:
+        """CS base + RIP: the live RIP, or ``rip`` with the CS in ``ctx.data``."""
+        if rip is None:
+            rip = self._rip()
+        return (self.ctx.u64(S.SEG_OFFSETS["cs"] + 8) + rip) & _MASK64
 
     def _debug_exit(self, kvm_run: abi.kvm_run, vector: int, pc: int, dr6: int) -> None:
         kvm_run.debug.arch.exception = vector
@@ -661,22 +710,57 @@ class UnicornVcpu(VcpuBackend):
         if error == unicorn.UC_ERR_INSN_INVALID:
             self._deliver(kvm_run, 6, None, soft=False)
             return
-        fault = self._fault
-        if error in (unicorn.UC_ERR_READ_UNMAPPED, unicorn.UC_ERR_WRITE_UNMAPPED) and fault:
-            _, address, size, _ = fault
-            phys = address  # unicorn reports unmapped and write-protect faults by physical address
-            if error == unicorn.UC_ERR_READ_UNMAPPED:
-                self._mmio_read = (self._rip(), phys, size)
-                self._mmio_exit(kvm_run, phys, size, False, 0)
-            self._mmio_step(kvm_run, phys)
-        if error == unicorn.UC_ERR_WRITE_PROT and fault:
-            self._rom_write(kvm_run, fault[1], fault[2], fault[3])
+        if self._fault is None:
+            self._internal_error(kvm_run)
+        # unicorn reports unmapped and write-protect faults by physical address
+        _, phys, size, value = self._fault
+        if error == unicorn.UC_ERR_READ_UNMAPPED:
+            rip = self.ctx.u64(S.RIP)  # ctx.data is current: _clear_exception saved it
+            self._mmio_read = (rip, phys, size, self._decode_access(phys, size, store=False))
+            self._mmio_exit(kvm_run, phys, size, False, 0)
+        if error in (unicorn.UC_ERR_WRITE_UNMAPPED, unicorn.UC_ERR_WRITE_PROT):
+            access = self._decode_access(phys, size, store=True)
+            if access is not None:  # a plain store: the access is all it does (ROM stays unchanged)
+                self._retire(access)
+                self._mmio_exit(kvm_run, phys, size, True, value)
+            if error == unicorn.UC_ERR_WRITE_UNMAPPED:
+                self._mmio_step(kvm_run, phys)
+            self._rom_write(kvm_run, phys, size, value)
         self._internal_error(kvm_run)
 
+    def _decode_access(self, phys: int, size: int, store: bool) -> S.MemoryAccess | None:
+        """The instruction at RIP (in ``ctx.data``) if the backend can complete it: a known form
+        whose access is the faulting one, within one page."""
+        data = self.ctx.data
+        rip, hflags = self.ctx.u64(S.RIP), struct.unpack_from("<I", data, S.HFLAGS)[0]
+        code = self._read_linear(self._linear_rip(rip), 15) or b""
+        access = S.decode_memory_access(code, hflags)
+        if access is None or access.store != store or access.size != size or (phys & 0xFFF) + size > _PAGE:
+            return None
+        return access
+
+    def _retire(self, access: S.MemoryAccess, loaded: int = 0) -> None:
+        """Complete a decoded instruction whose memory access happened elsewhere: write the
+        loaded value to its register, move RDI for stos, advance RIP (in ``ctx.data``, current)."""
+        ctx = self.ctx
+        if not access.store:
+            offset = S.REGS + 8 * access.register
+            value = S.loaded_value(access, loaded)
+            ctx.put64(offset, S.merge_register(ctx.u64(offset), value, access.register_size, access.high_byte))
+        if access.string:
+            mask = (1 << (8 * access.address_size)) - 1
+            rdi = ctx.u64(S.REGS + 7 * 8)
+            step = -access.size if ctx.u64(S.RFLAGS) & S.RFLAGS_DF else access.size
+            ctx.put64(S.REGS + 7 * 8, (rdi & ~mask) | ((rdi + step) & mask))
+        ctx.put64(S.RIP, ctx.u64(S.RIP) + access.length)
+        ctx.restore()
+
     def _clear_exception(self) -> None:
+        """Reset unicorn's "exception in progress" marker (leaves ``ctx.data`` current)."""
         data = self.ctx.save()
-        struct.pack_into("<I", data, S.OLD_EXCEPTION, 0xFFFFFFFF)
-        self.ctx.restore()
+        if struct.unpack_from("<I", data, S.OLD_EXCEPTION)[0] != 0xFFFFFFFF:
+            struct.pack_into("<I", data, S.OLD_EXCEPTION, 0xFFFFFFFF)
+            self.ctx.restore()
 
     def _internal_error(self, kvm_run: abi.kvm_run) -> None:
         kvm_run.internal.suberror = abi.KVM_INTERNAL_ERROR_EMULATION
@@ -688,8 +772,8 @@ class UnicornVcpu(VcpuBackend):
         ctypes.memmove(kvm_run.mmio.data, (value & _MASK64).to_bytes(8, "little"), 8)
         self._finish(kvm_run, abi.KVM_EXIT_MMIO)
 
-    def _step(self, count: int = 1) -> int | None:
-        """Execute exactly ``count`` instructions (rep iterations count one each); the unicorn error.
+    def _step(self) -> int | None:
+        """Execute exactly one instruction (or rep iteration); the unicorn error.
 
         unicorn counts instructions only in code translated while counting: drop the
         cached translation of the code at RIP first (the next uncounted run drops the
@@ -700,7 +784,7 @@ class UnicornVcpu(VcpuBackend):
             self.uc.ctl_remove_cache(address & ~0xFFF, (address & ~0xFFF) + 2 * _PAGE)
         self._exit, self._fault = None, None
         try:
-            self.uc.emu_start(self._rip(), _NEVER, 0, count)
+            self.uc.emu_start(self._rip(), _NEVER, 0, 1)
         except unicorn.UcError as exc:
             return exc.errno
         return None
@@ -720,13 +804,18 @@ class UnicornVcpu(VcpuBackend):
         def write(uc: unicorn.Uc, offset: int, size: int, value: int, _: object) -> None:
             writes.append((page + offset, size, value))
 
+        rip = self._rip()
         self.uc.mmio_map(page, _PAGE, read, None, write, None)
         try:
             error = self._step()
         finally:
             self.uc.mem_unmap(page, _PAGE)
         if writes and self._exit is None and error is None:
-            self._clear_exception()
+            data = self.ctx.save()
+            struct.pack_into("<I", data, S.OLD_EXCEPTION, 0xFFFFFFFF)
+            if self.ctx.u64(S.RIP) == rip:  # a rep iteration: KVM marks the restart with RF
+                self.ctx.put64(S.RFLAGS, self.ctx.u64(S.RFLAGS) | S.RFLAGS_RF)
+            self.ctx.restore()
             self._mmio_exit(kvm_run, writes[0][0], writes[0][1], True, writes[0][2])
         self._settle(kvm_run, error)
 
@@ -751,6 +840,7 @@ class UnicornVcpu(VcpuBackend):
         self, kvm_run: abi.kvm_run, vector: int, error: int | None, soft: bool, external: bool = False
     ) -> None:
         """Deliver ``vector`` through the IVT/IDT; a failure escalates to #DF, then shutdown."""
+        fault = vector in _FAULTS and not soft and not external
         for attempt in range(3):
             result = self._try_deliver(vector, error, soft, external)
             if result is None:
@@ -758,6 +848,10 @@ class UnicornVcpu(VcpuBackend):
             if attempt == 1 or vector == 8:
                 break
             vector, error, soft = 8, 0, False
+        if fault:  # KVM sets RF when it injects a fault; delivery would clear it, a triple fault leaves it
+            self.ctx.save()
+            self.ctx.put64(S.RFLAGS, self.ctx.u64(S.RFLAGS) | S.RFLAGS_RF)
+            self.ctx.restore()
         self._finish(kvm_run, abi.KVM_EXIT_SHUTDOWN)
 
     def _try_deliver(self, vector: int, error: int | None, soft: bool, external: bool) -> int | None:

@@ -4,16 +4,20 @@ Unicorn has no API for hidden segment state, EFER-driven mode bits or QEMU's ``h
 while KVM_SET_SREGS sets them directly. So the backend saves a context, patches the
 CPUX86State copy inside it and restores it. This module knows where the fields live
 (QEMU 5 as built into unicorn 2.1.4), checks that at import time against the running
-library, and converts between that layout and the kvm_* structs.
+library, and converts between that layout and the kvm_* structs. It also decodes the
+few instruction forms whose IN/MMIO exits the backend completes without unicorn.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
+from typing import NamedTuple
 
 import unicorn
 from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
 
 from kvmfs import abi
 
@@ -59,6 +63,7 @@ SEG_OFFSETS = {
 }
 # kvm_regs field order -> QEMU regs[] index
 KVM_TO_QEMU_REG = (0, 3, 1, 2, 6, 7, 4, 5, *range(8, 16))
+QEMU_TO_KVM_REG = tuple(KVM_TO_QEMU_REG.index(i) for i in range(16))
 
 # QEMU hflags bits (target/i386/cpu.h)
 HF_CPL_MASK = 3
@@ -81,7 +86,7 @@ DESC_B = 1 << 22
 CR0_PE, CR0_PG = 1, 1 << 31
 CR4_PAE, CR4_PSE, CR4_OSFXSR, CR4_SMAP = 1 << 5, 1 << 4, 1 << 9, 1 << 21
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
-RFLAGS_TF, RFLAGS_IF, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 16, 1 << 17
+RFLAGS_TF, RFLAGS_IF, RFLAGS_DF, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 10, 1 << 16, 1 << 17
 
 _Q = struct.Struct("<Q")
 _SEG = struct.Struct("<I4xQII")
@@ -92,14 +97,19 @@ class LayoutError(RuntimeError):
 
 
 class Context:
-    """A preallocated unicorn context with a writable view of its CPUX86State bytes."""
+    """A preallocated unicorn context with a writable view of its CPUX86State bytes.
+
+    Exits read and patch registers here rather than with ``reg_read``/``reg_write``: the
+    binding's per-register type dispatch costs ~5 us a call, a whole-context copy ~1.4 us.
+    """
 
     def __init__(self, uc: unicorn.Uc) -> None:
-        self.uc = uc
-        self.saved = uc.context_save()
+        self.uc: unicorn.Uc | None = uc
+        self.saved: unicorn.UcContext | None = uc.context_save()
         address = self.saved.context.value
         header = ctypes.c_size_t.from_address(address).value  # uc_context.context_size
         self.data = memoryview((ctypes.c_char * header).from_address(address + self.saved.size - header)).cast("B")
+        self._eflags = ctypes.c_uint64()
 
     def save(self) -> memoryview:
         self.uc.context_update(self.saved)
@@ -107,6 +117,17 @@ class Context:
 
     def restore(self) -> None:
         self.uc.context_restore(self.saved)
+
+    def live_eflags(self) -> int:
+        """EFLAGS with QEMU's lazily computed arithmetic flags folded in (a context copy lacks
+        them inside a hook). Called directly: the binding's reg_read is 5x slower."""
+        uclib.uc_reg_read(self.uc._uch, X.UC_X86_REG_EFLAGS, ctypes.byref(self._eflags))
+        return self._eflags.value
+
+    def close(self) -> None:
+        """Free the context buffer; ``data`` must not be used afterwards."""
+        self.data.release()
+        self.uc = self.saved = None
 
     def u64(self, offset: int) -> int:
         return _Q.unpack_from(self.data, offset)[0]
@@ -157,28 +178,33 @@ def verify_layout() -> None:
         found = int.from_bytes(data[offset : offset + width], "little")
         if found != value:
             raise LayoutError(f"unicorn {unicorn.__version__}: expected {value:#x} at {offset:#x}, found {found:#x}")
+    # the binding internals the backend uses: the raw handle (fast EFLAGS read) and the finalizer (close)
+    if ctx.live_eflags() & 2 != 2 or not callable(getattr(uc, "_Uc__finalizer", None)):
+        raise LayoutError(f"unicorn {unicorn.__version__}: binding internals moved")
 
 
 # --- segments -------------------------------------------------------------------------
 
 
-def read_segment(data: memoryview, offset: int) -> abi.kvm_segment:
-    """KVM's view of a SegmentCache; QEMU marks an unusable segment by a clear P bit."""
+_KVM_SEGMENT = struct.Struct("<QIH10B")  # kvm_segment
+KVM_DTABLE = struct.Struct("<QH6x")  # kvm_dtable
+
+
+def segment_bytes(data: memoryview, offset: int) -> bytes:
+    """KVM's view of a SegmentCache, as kvm_segment bytes (cheaper than filling the struct).
+
+    QEMU marks an unusable segment by a clear P bit. A loaded code/data segment shows
+    "accessed": the CPU sets it on every load, QEMU only for data segments (so a far jump
+    to a descriptor without it would read differently from KVM).
+    """
     selector, base, limit, flags = _SEG.unpack_from(data, offset)
     present = (flags >> 15) & 1
-    return abi.kvm_segment(
-        base=base,
-        limit=limit,
-        selector=selector & 0xFFFF,
-        type=(flags >> 8) & 15,
-        present=present,
-        dpl=(flags >> 13) & 3,
-        db=(flags >> 22) & 1,
-        s=(flags >> 12) & 1,
-        l=(flags >> 21) & 1,
-        g=(flags >> 23) & 1,
-        avl=(flags >> 20) & 1,
-        unusable=1 - present,
+    code_or_data = (flags >> 12) & 1  # the descriptor's S bit
+    kind = (flags >> 8) & 15 | (present & code_or_data)
+    dpl, db, long_ = (flags >> 13) & 3, (flags >> 22) & 1, (flags >> 21) & 1
+    granular, avl = (flags >> 23) & 1, (flags >> 20) & 1
+    return _KVM_SEGMENT.pack(
+        base, limit, selector & 0xFFFF, kind, present, dpl, db, code_or_data, long_, granular, avl, 1 - present, 0
     )
 
 
@@ -264,23 +290,25 @@ def compute_hflags(data: memoryview) -> int:
 # --- FPU ------------------------------------------------------------------------------
 
 
+_FPU_CONTROL = struct.Struct("<HHBxHQQ")  # kvm_fpu from fcw to last_dp
+_FPU_TAIL = struct.Struct("<I4x")  # mxcsr, pad2
+
+
 def read_fpu(data: memoryview) -> abi.kvm_fpu:
-    """kvm_fpu (FXSAVE layout: ST-relative registers, abridged tag word) from QEMU's state."""
-    top = struct.unpack_from("<I", data, FPSTT)[0] & 7
-    fpu = abi.kvm_fpu()
-    fpu.fcw = struct.unpack_from("<H", data, FPUC)[0]
-    fpu.fsw = (struct.unpack_from("<H", data, FPUS)[0] & ~0x3800) | (top << 11)
-    fpu.ftwx = sum(1 << i for i in range(8) if not data[FPTAGS + i])
-    for i in range(8):
-        offset = FPREGS + 16 * ((top + i) & 7)
-        ctypes.memmove(fpu.fpr[i], bytes(data[offset : offset + 10]), 10)
-    fpu.last_opcode = struct.unpack_from("<H", data, FPOP)[0]
-    fpu.last_ip = _Q.unpack_from(data, FPIP)[0]
-    fpu.last_dp = _Q.unpack_from(data, FPDP)[0]
-    for i in range(16):
-        ctypes.memmove(fpu.xmm[i], bytes(data[XMM + 64 * i : XMM + 64 * i + 16]), 16)
-    fpu.mxcsr = struct.unpack_from("<I", data, MXCSR)[0]
-    return fpu
+    """kvm_fpu (FXSAVE layout: ST-relative registers, abridged tag word) from QEMU's state.
+
+    Built as one byte string: filling the ctypes arrays field by field costs 4x more.
+    """
+    top = data[FPSTT] & 7
+    stack = bytes(data[FPREGS : FPREGS + 128])
+    fpr = b"".join(stack[16 * ((top + i) & 7) :][:10] + bytes(6) for i in range(8))
+    ftwx = sum(1 << i for i, tag in enumerate(data[FPTAGS : FPTAGS + 8]) if not tag)
+    fsw = (struct.unpack_from("<H", data, FPUS)[0] & ~0x3800) | (top << 11)
+    fcw, fop = struct.unpack_from("<H", data, FPUC)[0], struct.unpack_from("<H", data, FPOP)[0]
+    control = _FPU_CONTROL.pack(fcw, fsw, ftwx, fop, _Q.unpack_from(data, FPIP)[0], _Q.unpack_from(data, FPDP)[0])
+    xmm = b"".join(data[XMM + 64 * i : XMM + 64 * i + 16] for i in range(16))
+    tail = _FPU_TAIL.pack(struct.unpack_from("<I", data, MXCSR)[0])
+    return abi.kvm_fpu.from_buffer_copy(fpr + control + xmm + tail)
 
 
 def write_fpu(data: memoryview, fpu: abi.kvm_fpu) -> None:
@@ -298,3 +326,129 @@ def write_fpu(data: memoryview, fpu: abi.kvm_fpu) -> None:
     for i in range(16):
         data[XMM + 64 * i : XMM + 64 * i + 16] = bytes(fpu.xmm[i])
     struct.pack_into("<I", data, MXCSR, fpu.mxcsr)
+
+
+# --- instruction decoding -------------------------------------------------------------
+#
+# An MMIO access stops the engine at the instruction with the address and size of the
+# access. For the common forms below the backend completes the instruction itself
+# (register write, RIP advance) instead of single-stepping it, which costs a TB flush.
+
+_SEGMENT_PREFIXES = frozenset((0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65))
+_IO_PREFIXES = frozenset((0x66, 0xF0, *_SEGMENT_PREFIXES))
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_io(code: bytes, hflags: int) -> tuple[int, bool, bool, int]:
+    """(length, string, rep, address size in bytes) of the IN/OUT/INS/OUTS at the start of ``code``."""
+    long_mode = bool(hflags & HF_CS64)
+    addr = 8 if long_mode else 4 if hflags & HF_CS32 else 2
+    rep = False
+    for length, byte in enumerate(code):
+        if byte == 0x67:
+            addr = 4 if long_mode or not hflags & HF_CS32 else 2
+        elif byte in (0xF2, 0xF3):
+            rep = True
+        elif byte not in _IO_PREFIXES and not (long_mode and 0x40 <= byte <= 0x4F):
+            return length + (2 if byte in (0xE4, 0xE5, 0xE6, 0xE7) else 1), 0x6C <= byte <= 0x6F, rep, addr
+    return 1, False, False, addr
+
+
+class MemoryAccess(NamedTuple):
+    """An instruction whose only effects are one memory access, a register and RIP."""
+
+    length: int  # bytes of the instruction
+    store: bool
+    size: int  # bytes accessed
+    register: int  # QEMU regs[] index a load writes (0 for stores)
+    register_size: int  # bytes of that register written (after extension)
+    high_byte: bool  # AH/CH/DH/BH
+    signed: bool  # movsx/movsxd: sign-extend, else zero-extend
+    string: bool  # stos: RDI moves by ``size``
+    address_size: int  # bytes
+
+
+@functools.lru_cache(maxsize=1024)  # pure, and the same few instructions exit again and again
+def decode_memory_access(code: bytes, hflags: int) -> MemoryAccess | None:
+    """Decode mov/movzx/movsx/movsxd to or from memory, mov imm to memory, moffs moves and
+    stos without rep; None for anything else (the caller single-steps those)."""
+    try:
+        return _decode(code, hflags)
+    except IndexError:  # the code ended (unreadable page): not a form this decoder vouches for
+        return None
+
+
+def _decode(code: bytes, hflags: int) -> MemoryAccess | None:
+    long_mode = bool(hflags & HF_CS64)
+    default = 4 if hflags & HF_CS32 else 2
+    operand, address, i = default, 8 if long_mode else default, 0
+    while code[i] in _SEGMENT_PREFIXES or code[i] in (0x66, 0x67):
+        if code[i] == 0x66:
+            operand = 6 - default  # 4 <-> 2
+        elif code[i] == 0x67:
+            address = 4 if long_mode or default == 2 else 2
+        i += 1
+    rex = code[i] if long_mode and 0x40 <= code[i] <= 0x4F else 0
+    i += bool(rex)
+    if rex & 8:
+        operand = 8
+    opcode, i = code[i], i + 1
+    wide = operand if opcode & 1 else 1
+    if 0xA0 <= opcode <= 0xA3:  # mov al/ax/eax/rax <-> moffs
+        return MemoryAccess(i + address, opcode >= 0xA2, wide, 0, wide, False, False, False, address)
+    if opcode in (0xAA, 0xAB):  # stos
+        return MemoryAccess(i, True, wide, 0, wide, False, False, True, address)
+    extend = None
+    if opcode == 0x0F:
+        opcode, i = 0x0F00 | code[i], i + 1
+        if opcode not in (0x0FB6, 0x0FB7, 0x0FBE, 0x0FBF):
+            return None
+        extend = (2 if opcode & 1 else 1, opcode >= 0x0FBE)
+    elif opcode == 0x63 and rex & 8:  # movsxd
+        extend = (4, True)
+    elif opcode not in (0x88, 0x89, 0x8A, 0x8B, 0xC6, 0xC7):
+        return None
+    modrm = code[i]
+    length = _modrm_length(code, i, address)
+    if length is None or (opcode in (0xC6, 0xC7) and modrm & 0x38):
+        return None
+    i += length
+    if opcode in (0xC6, 0xC7):  # mov r/m, imm (imm32 sign-extended for 64-bit operands)
+        return MemoryAccess(i + min(wide, 4), True, wide, 0, wide, False, False, False, address)
+    register = ((rex & 4) << 1) | ((modrm >> 3) & 7)
+    if extend:
+        size, signed = extend
+        return MemoryAccess(i, False, size, register, operand, False, signed, False, address)
+    high = wide == 1 and not rex and register >= 4
+    register = register - 4 if high else register
+    return MemoryAccess(i, opcode < 0x8A, wide, register, wide, high, False, False, address)
+
+
+def _modrm_length(code: bytes, i: int, address: int) -> int | None:
+    """Bytes of ModRM, SIB and displacement at ``code[i]``; None for a register operand."""
+    mod, rm = code[i] >> 6, code[i] & 7
+    if mod == 3:
+        return None
+    if address == 2:
+        return 1 + (2 if mod == 2 or (mod == 0 and rm == 6) else mod)
+    sib = rm == 4
+    base = code[i + 1] & 7 if sib else rm
+    displacement = 4 if mod == 2 or (mod == 0 and base == 5) else mod
+    return 1 + sib + displacement
+
+
+def loaded_value(access: MemoryAccess, raw: int) -> int:
+    """The value a load puts in its register, after movzx/movsx extension."""
+    if access.signed and raw >> (8 * access.size - 1):
+        raw -= 1 << (8 * access.size)
+    return raw & ((1 << (8 * access.register_size)) - 1)
+
+
+def merge_register(old: int, value: int, size: int, high_byte: bool = False) -> int:
+    """A 64-bit register after writing ``size`` bytes: 1 and 2 keep the rest, 4 zero-extends."""
+    if high_byte:
+        return (old & ~0xFF00) | (value & 0xFF) << 8
+    if size >= 4:
+        return value & ((1 << (8 * size)) - 1)
+    mask = (1 << (8 * size)) - 1
+    return (old & ~mask) | (value & mask)

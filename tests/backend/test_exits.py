@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from kvmfs import abi
+from kvmfs.backends import x86_state as S
 
 from .guests import MMIO, MODES, setup
 from .harness import Machine, both
@@ -161,6 +162,8 @@ def test_triple_fault_is_shutdown(mode: str) -> None:
         sregs.idt.limit = 0
         m.vcpu.set_sregs(sregs)
         assert m.run().exit_reason == abi.KVM_EXIT_SHUTDOWN, m.kind
+        regs = m.vcpu.get_regs()
+        assert (regs.rip, regs.rflags & S.RFLAGS_RF) == (0x1002, S.RFLAGS_RF), m.kind  # at the div, RF set
         m.close()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import gc
+import mmap
 import struct
 import threading
 import time
@@ -47,6 +49,62 @@ def test_kick_stops_an_endless_loop() -> None:
     m.vcpu.kick()  # no run in progress: the next run is not affected
     m.write(CODE, assemble("hlt", 32))
     assert m.run().exit_reason == abi.KVM_EXIT_HLT
+
+
+def _no_threads(self: threading.Thread) -> None:
+    raise AssertionError("the backend started a thread")
+
+
+def test_kick_just_as_a_run_begins_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One kick, as early as the run is marked running (often before emu_start): never lost,
+    and no timer thread."""
+    m = Machine("unicorn")
+    setup(m, "prot32", "l: inc eax\njmp l")
+    for _ in range(50):
+        runner = threading.Thread(target=m.run)
+        runner.start()
+        while not m.vcpu._running:  # white box: the run has begun, the engine may not have
+            pass
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", _no_threads)
+            m.vcpu.kick()
+        runner.join(1)
+        assert not runner.is_alive()
+        assert m.kvm_run.exit_reason == abi.KVM_EXIT_INTR
+    m.close()
+
+
+def test_close_frees_the_engine_and_the_run_area_at_once() -> None:
+    """Without the cyclic GC: the unicorn engine is closed and the run area can be unmapped.
+
+    (The binding's Python wrapper object may linger in a ctypes.cast cycle of its own; the
+    engine's memory, megabytes, is what matters.)"""
+    gc.disable()
+    try:
+        vm = BACKEND.create_vm()
+        ram = (ctypes.c_char * 0x2000)()
+        vm.map_memory(0, 0x2000, ctypes.addressof(ram), False)
+        ram[0x1000 : 0x1000 + 5] = b"\x88\x07\xe6\x10\xf4"  # mov [bx], al (MMIO); out 0x10, al; hlt
+        vcpu = vm.create_vcpu(0)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rbx = 0x1000, 0xD000
+        vcpu.set_regs(regs)
+        sregs = vcpu.get_sregs()
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        vcpu.set_sregs(sregs)
+        area = mmap.mmap(-1, 3 * abi.PAGE_SIZE)
+        run_area = (ctypes.c_char * len(area)).from_buffer(area)
+        for reason in (abi.KVM_EXIT_MMIO, abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT):
+            vcpu.run(run_area)
+            assert abi.kvm_run.from_buffer(run_area).exit_reason == reason
+        engine = vcpu.uc
+        del run_area
+        vcpu.close()
+        vm.close()
+        assert not engine._Uc__finalizer.alive  # white box: the binding's uc_close has run
+        area.close()  # BufferError if the backend kept a view of it
+    finally:
+        gc.enable()
 
 
 def test_readonly_memory_write_is_mmio(machine: Machine) -> None:
