@@ -293,18 +293,27 @@ class Vm:
     def paused(self) -> Iterator[None]:
         with self._lock:
             self._pausing += 1
-            # Kick until every running vcpu has parked: one may enter the backend just after a kick.
-            while not all(vcpu.parked for vcpu in self._running):
-                for vcpu in self._running:
-                    if not vcpu.parked:
-                        vcpu.backend.kick()
-                self._changed.wait(timeout=0.01)
+        # Kick until every running vcpu has parked (one may enter the backend just after a kick),
+        # without the lock: the vcpu needs it to park.
+        while True:
+            with self._lock:
+                waiting = self._unparked()
+            if not waiting:
+                break
+            for vcpu in waiting:
+                vcpu.backend.kick()
+            with self._lock:
+                self._changed.wait_for(lambda: not self._unparked(), timeout=0.01)
         try:
             yield
         finally:
             with self._lock:
                 self._pausing -= 1
                 self._changed.notify_all()
+
+    def _unparked(self) -> list[Vcpu]:
+        """Running vcpus not yet parked (call with the lock held)."""
+        return [vcpu for vcpu in self._running if not vcpu.parked]
 
     @contextmanager
     def running(self, vcpu: Vcpu) -> Iterator[None]:

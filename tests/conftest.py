@@ -182,9 +182,10 @@ def kvmfs_mount(kvmfs_daemon: Daemon) -> str:
 
 
 @pytest.fixture
-def private_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A mount of the test's own, for tests that measure or stop the daemon."""
-    daemon = _start(tmp_path_factory)
+def private_daemon(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """A mount of the test's own, for tests that measure or stop the daemon (indirect parameter:
+    the isolation mode, process by default)."""
+    daemon = _start(tmp_path_factory, getattr(request, "param", "process"))
     try:
         yield daemon
     finally:

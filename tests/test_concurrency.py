@@ -64,12 +64,14 @@ async def test_mount_answers_while_a_guest_computes(kvmfs: Target) -> None:
         run_area.close()
 
 
-def spin(kvm: Kvm) -> float:
+def spin(kvm: Kvm, start_together: threading.Barrier | None = None) -> float:
     """Run SPIN_INSTRUCTIONS in a fresh long-mode VM; the wall time of its KVM_RUN."""
     from kvmfs.bench import compute_loop
 
     with Machine(kvm, "long", compute_loop(SPIN_INSTRUCTIONS)) as machine:
         assert machine.vcpu is not None
+        if start_together is not None:
+            start_together.wait()
         start = time.perf_counter()
         assert machine.vcpu.run() == abi.KVM_EXIT_HLT
         return time.perf_counter() - start
@@ -77,19 +79,28 @@ def spin(kvm: Kvm) -> float:
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
 async def test_two_guests_compute_on_two_cores(kvmfs_mount: str) -> None:
+    # This nested VM's speed drifts between phases: compare each pair measured back to back.
+    rounds = []
     with Kvm.open(f"{kvmfs_mount}/kvm") as kvm:
-        alone = min([await trio.to_thread.run_sync(spin, kvm) for _ in range(2)])
-        together = min([await two_at_once(kvm) for _ in range(3)])  # best of three: the machine may be busy
-    # On one core two guests would take twice as long as one; allow for a busy machine.
-    assert together < 1.6 * alone, f"one guest {alone:.3f} s, two at once {together:.3f} s"
+        for _ in range(3):
+            alone = await trio.to_thread.run_sync(spin, kvm)
+            rounds.append((await two_at_once(kvm) / alone, alone))
+    # On one core each of two guests would take twice as long as one alone; allow for a busy machine.
+    assert min(rounds)[0] < 1.5, f"(two at once / one alone, one alone in s): {rounds}"
 
 
 async def two_at_once(kvm: Kvm) -> float:
-    start = time.perf_counter()
+    """The longer KVM_RUN of two guests set up first, then started at the same moment."""
+    barrier = threading.Barrier(2)
+    times: list[float] = []
+
+    async def one() -> None:
+        times.append(await trio.to_thread.run_sync(spin, kvm, barrier))
+
     async with trio.open_nursery() as nursery:
-        for _ in range(2):
-            nursery.start_soon(trio.to_thread.run_sync, spin, kvm)
-    return time.perf_counter() - start
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    return max(times)
 
 
 def test_kvm_run_from_any_client_thread(kvmfs_mount: str) -> None:

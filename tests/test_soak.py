@@ -6,8 +6,10 @@ import fcntl
 import json
 import os
 
+import pytest
+
 from kvmfs import abi
-from tests.conftest import Daemon, wait_until
+from tests.conftest import ISOLATIONS, Daemon, wait_until
 
 CYCLES = 2000
 WARM_UP = 200
@@ -58,6 +60,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("private_daemon", ISOLATIONS, indirect=True)
 def test_2000_vm_lifetimes_leak_nothing(private_daemon: Daemon) -> None:
     mount = str(private_daemon.mountpoint)
     for _ in range(WARM_UP):
@@ -77,7 +80,7 @@ def test_2000_vm_lifetimes_leak_nothing(private_daemon: Daemon) -> None:
     # Idle worker threads retire after trio's 10 s idle timeout.
     wait_until(lambda: daemon_figures(private_daemon)["threads"] <= before["threads"], timeout=15, what="threads")
     after = daemon_figures(private_daemon)
-    print(f"\nsoak: {CYCLES} VM lifetimes (2 vcpus each)")
+    print(f"\nsoak: {CYCLES} VM lifetimes (2 vcpus each), guests in {private_daemon.isolation}s")
     for key in before:
         print(f"  {key:16} before {before[key]:>8}  after {after[key]:>8}")
     assert after["rss_kib"] - before["rss_kib"] < RSS_SLACK_KIB
