@@ -58,6 +58,7 @@ ROOT_INODE = pyfuse3.ROOT_INODE
 KVM_INODE = ROOT_INODE + 1
 CACHE_TIMEOUT = 300.0  # entries are invalidated explicitly when a VM dies
 STATS_XATTR = b"user.kvmfs.stats"
+STOP_RETRY = 0.01  # seconds between kicks of a vcpu whose client was signalled
 
 
 @dataclass(eq=False)
@@ -403,16 +404,28 @@ class KvmFs(pyfuse3.Operations):
         function = handler.function
         if call.cmd == abi.KVM_RUN:
             function = self._run
-            request.watch_interrupt(vcpu.kick)  # a signal to the client stops the guest: EINTR
+            request.watch_interrupt(lambda: self._start_task(self._stop_run, request, vcpu))
         thread.submit(lambda: self._answer_safely(request, lambda: function(vcpu, call)))
+
+    def _start_task(self, task: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(task, *args)
+
+    async def _stop_run(self, request: IoctlRequest, vcpu: Vcpu) -> None:
+        """The client of a KVM_RUN got a signal: kick the vcpu until the run has answered EINTR.
+
+        Kicking again covers a run that had not entered the guest yet when the first kick came.
+        """
+        while not request.answered:
+            vcpu.kick()
+            await trio.sleep(STOP_RETRY)
 
     def _start(self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler) -> None:
         """Answer now if the case is quick; else from a worker thread."""
         if not handler.threaded:
             self._answer(request, lambda: handler.function(target, call))
             return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._answer_later, request, call, target, handler)
+        self._start_task(self._answer_later, request, call, target, handler)
 
     async def _answer_later(self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler) -> None:
         try:
