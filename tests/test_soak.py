@@ -80,7 +80,7 @@ def test_2000_vm_lifetimes_leak_nothing(private_daemon: Daemon) -> None:
     # Idle worker threads retire after trio's 10 s idle timeout.
     wait_until(lambda: daemon_figures(private_daemon)["threads"] <= before["threads"], timeout=15, what="threads")
     after = daemon_figures(private_daemon)
-    print(f"\nsoak: {CYCLES} VM lifetimes (2 vcpus each), guests in {private_daemon.isolation}s")
+    print(f"\nsoak: {CYCLES} VM lifetimes (2 vcpus each), isolation: {private_daemon.isolation}")
     for key in before:
         print(f"  {key:16} before {before[key]:>8}  after {after[key]:>8}")
     assert after["rss_kib"] - before["rss_kib"] < RSS_SLACK_KIB
