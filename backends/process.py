@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 from kvmfs import abi, procmem
@@ -260,6 +261,15 @@ class ProcessVcpu(VcpuBackend):
 # --- the worker side ----------------------------------------------------------------------------
 
 
+def _errno_of(error: Exception) -> int:
+    """The errno a call that raised answers with: its own for OSError (BackendError included),
+    EIO (and a traceback on the worker's stderr, the daemon's log) for a bug."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    traceback.print_exception(error)
+    return errno.EIO
+
+
 def _serve_vcpu(sock: socket.socket, vcpu: VcpuBackend) -> None:
     """Answer one vcpu's calls, in a thread of its own, until its channel closes."""
     run_area: tuple[Any, ctypes.Array] | None = None
@@ -285,8 +295,8 @@ def _serve_vcpu(sock: socket.socket, vcpu: VcpuBackend) -> None:
             if method != "share_run_area":  # send the daemon's mirror fresh registers after a change
                 result = (result, None if method in _READ_ONLY else vcpu.get_regs())
             reply: tuple[int | None, object] = (None, result)
-        except BackendError as error:
-            reply = (error.errno, None)
+        except Exception as error:  # every call gets its answer: a silent worker hangs the daemon's caller
+            reply = (_errno_of(error), None)
         sock.send(pickle.dumps(reply))
 
 
@@ -323,8 +333,8 @@ def _serve_vm(sock: socket.socket, backend: Backend) -> None:
             else:
                 vm.memory_changed(*args)
             reply: tuple[int | None, object] = (None, result)
-        except BackendError as error:
-            reply = (error.errno, None)
+        except Exception as error:  # every call gets its answer: a silent worker hangs the daemon's caller
+            reply = (_errno_of(error), None)
         sock.send(pickle.dumps(reply))
 
 
