@@ -7,7 +7,8 @@ way QEMU and Firecracker run one process per VM:
 - a guest that crashes unicorn kills only its worker: that VM's calls then
   fail with EIO (``BackendError``), every other VM and the mount carry on;
 - a guest that wedges unicorn (a kick is not honoured within ``WEDGED_AFTER``
-  seconds) gets its worker killed, with the same effect;
+  seconds, or another call not answered within ``CALL_TIMEOUT``) gets its worker
+  killed, with the same effect — the daemon never waits on a worker for ever;
 - exit-heavy vcpus of different VMs do not contend for one GIL.
 
 Workers are forked from a *zygote*, a process started once with the backend
@@ -44,6 +45,7 @@ from kvmfs.backends import load
 from kvmfs.backends.base import Backend, BackendError, VcpuBackend, VmBackend
 
 WEDGED_AFTER = 2.0  # seconds a kicked vcpu may take to stop before its worker is killed
+CALL_TIMEOUT = 5.0  # seconds any other call may take before its worker is killed
 _MESSAGE = 1 << 16  # largest message (a full CPUID table is ~10 KiB)
 # Vcpu calls that change no state: their replies carry no fresh registers.
 _READ_ONLY = frozenset({"get_regs", "get_sregs", "get_fpu", "get_msr", "translate", "get_mp_state"})
@@ -64,6 +66,8 @@ class _Channel:
                 if watchdog is not None:  # a KVM_RUN: may take forever, unless it is kicked
                     while not select.select([self.sock], [], [], 0.1)[0]:
                         watchdog()
+                elif not select.select([self.sock], [], [], CALL_TIMEOUT)[0]:
+                    raise TimeoutError  # a worker that cannot answer a register read is wedged
                 reply = self.sock.recv(_MESSAGE)
             except OSError:
                 reply = b""

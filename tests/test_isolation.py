@@ -82,3 +82,14 @@ def test_a_wedged_worker_is_killed_and_its_run_fails(kvmfs: Target, process_daem
     assert (outcome["result"], outcome["errno"]) == (-1, errno.EIO)
     assert ioctl_result(kvmfs.kvm(), abi.KVM_GET_API_VERSION) == 12
     run_area.close()
+
+
+def test_a_wedged_worker_cannot_hang_quick_ioctls(kvmfs: Target, process_daemon: Daemon) -> None:
+    vcpu = kvmfs.create_vcpu(kvmfs.create_vm())
+    worker = newest_worker(process_daemon)
+    os.kill(worker, signal.SIGSTOP)
+    started = time.monotonic()
+    assert ioctl_result(vcpu, abi.KVM_SET_REGS, abi.kvm_regs(rflags=2)) == "EIO"
+    assert time.monotonic() - started < 10, "the daemon waited too long on a wedged worker"
+    wait_until(lambda: gone(worker), what="the wedged worker to be killed")
+    assert ioctl_result(kvmfs.kvm(), abi.KVM_GET_API_VERSION) == 12
