@@ -417,7 +417,7 @@ class KvmFs(pyfuse3.Operations):
         Kicking again covers a run that had not entered the guest yet when the first kick came.
         """
         while not request.answered:
-            vcpu.kick()
+            await trio.to_thread.run_sync(vcpu.kick)  # a backend's kick may wait for the run to stop
             await trio.sleep(STOP_RETRY)
 
     def _start(self, request: IoctlRequest, call: Ioctl, target: object, handler: Handler) -> None:
