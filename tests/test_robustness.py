@@ -144,3 +144,20 @@ def test_client_killed_mid_kvm_run_leaves_the_mount_usable(kvmfs: Target) -> Non
     assert client.wait(timeout=5) == -signal.SIGKILL
     wait_until(lambda: not os.path.exists(f"{mount}/vm{number}"), what="the killed client's VM to go")
     assert ioctl_result(kvmfs.kvm(), abi.KVM_GET_API_VERSION) == 12
+
+
+def test_code_at_an_unmapped_address_is_an_internal_error_as_kvm(kvmfs_mount: str) -> None:
+    """A state the guest cannot run is KVM_EXIT_INTERNAL_ERROR (emulation failure), never a crash."""
+    from kvmfs.client import Kvm
+    from kvmfs.guests import Machine
+
+    jump_to_nowhere = bytes.fromhex("48c7c000005000ffe0")  # mov rax, 0x500000 ; jmp rax (no slot there)
+    paths = [f"{kvmfs_mount}/kvm"] + (["/dev/kvm"] if os.access("/dev/kvm", os.R_OK | os.W_OK) else [])
+    outcomes = []
+    for path in paths:
+        with Kvm.open(path) as kvm, Machine(kvm, "long", jump_to_nowhere) as machine:
+            assert machine.vcpu is not None
+            reason = machine.vcpu.run()
+            outcomes.append((reason, machine.vcpu.run.internal.suberror, machine.vcpu.get_regs().rip))
+    assert outcomes[0] == (abi.KVM_EXIT_INTERNAL_ERROR, abi.KVM_INTERNAL_ERROR_EMULATION, 0x500000)
+    assert all(outcome == outcomes[0] for outcome in outcomes), "kvmfs (first) differs from /dev/kvm"
