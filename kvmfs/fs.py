@@ -274,11 +274,7 @@ class KvmFs(pyfuse3.Operations):
             handle = SystemHandle(self.system)
         elif node.kind == "vm":
             assert node.vm is not None
-            node.vm.hold()
-            for kvm_handle in self.handles.values():  # the creator's hold ends at the first open
-                if isinstance(kvm_handle, SystemHandle) and node.vm in kvm_handle.unopened_vms:
-                    kvm_handle.unopened_vms.discard(node.vm)
-                    node.vm.put()
+            node.vm.open_vm_file()
             handle = VmHandle(node.vm)
         elif node.kind == "vcpu":
             assert node.vm is not None and node.vcpu is not None

@@ -102,7 +102,7 @@ class System:
         vm = Vm(self, number, uid, procmem.thread_group(tid), self.backend.create_vm())
         self.vms[number] = vm
         creator.unopened_vms.add(vm)
-        vm.holders = 1
+        vm.creator, vm.holders = creator, 1
         return vm
 
     def capability(self, cap: int) -> int:
@@ -118,9 +118,10 @@ class SystemHandle:
 
     def release(self) -> list[Vm]:
         """Drop the holds; return the VMs that died."""
-        dead = [vm for vm in self.unopened_vms if vm.put()]
-        self.unopened_vms.clear()
-        return dead
+        unopened, self.unopened_vms = self.unopened_vms, set()
+        for vm in unopened:
+            vm.creator = None
+        return [vm for vm in unopened if vm.put()]
 
 
 CAPABILITIES: dict[int, int] = {
@@ -226,6 +227,7 @@ class Vm:
         self.pid = pid  # the creating process: KVM ties a VM to its creator's mm
         self.backend = backend
         self.holders = 0
+        self.creator: SystemHandle | None = None  # the kvm handle holding the VM until its first open
         self.vcpus: dict[int, Vcpu] = {}
         self.slots: dict[int, MemorySlot] = {}
         self.tss_addr: int | None = None
@@ -240,6 +242,14 @@ class Vm:
 
     def hold(self) -> None:
         self.holders += 1
+
+    def open_vm_file(self) -> None:
+        """An open of the ``vm`` file holds the VM; the first one ends the creating handle's hold."""
+        self.hold()
+        if self.creator is not None:
+            self.creator.unopened_vms.discard(self)
+            self.creator = None
+            self.put()
 
     def put(self) -> bool:
         """Drop one hold; on the last one destroy the VM and return True."""
