@@ -186,7 +186,7 @@ class ProcessVcpu(VcpuBackend):
     def _call(self, method: str, *args: object, watchdog: Any = None) -> Any:
         result, regs = self.channel.call(method, *args, watchdog=watchdog)
         if regs is not None:  # the call may have changed state: only the registers are known now
-            self._mirror = {"regs": regs}
+            self._mirror = {"regs": abi.kvm_regs.from_buffer_copy(regs)}
         return result
 
     def _get(self, state: str) -> Any:
@@ -297,7 +297,8 @@ def _serve_vcpu(sock: socket.socket, vcpu: VcpuBackend) -> None:
             else:
                 result = getattr(vcpu, method)(*args)
             if method != "share_run_area":  # send the daemon's mirror fresh registers after a change
-                result = (result, None if method in _READ_ONLY else vcpu.get_regs())
+                # raw bytes: pickling the ctypes struct costs more than the rest of the reply
+                result = (result, None if method in _READ_ONLY else bytes(vcpu.get_regs()))
             reply: tuple[int | None, object] = (None, result)
         except Exception as error:  # every call gets its answer: a silent worker hangs the daemon's caller
             reply = (_errno_of(error), None)
