@@ -66,7 +66,6 @@ KVM_TO_QEMU_REG = (0, 3, 1, 2, 6, 7, 4, 5, *range(8, 16))
 QEMU_TO_KVM_REG = tuple(KVM_TO_QEMU_REG.index(i) for i in range(16))
 
 # QEMU hflags bits (target/i386/cpu.h)
-HF_CPL_MASK = 3
 HF_CS32 = 1 << 4
 HF_SS32 = 1 << 5
 HF_ADDSEG = 1 << 6
@@ -79,7 +78,6 @@ HF_SMAP = 1 << 23
 HF_KEEP = (1 << 3) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 24) | (1 << 25) | (1 << 26)
 
 # descriptor bits as QEMU keeps them in SegmentCache.flags (the descriptor's high dword)
-DESC_P = 1 << 15
 DESC_L = 1 << 21
 DESC_B = 1 << 22
 

@@ -40,21 +40,6 @@ def _iowr(nr: int, struct: type) -> int:
     return _ioc(IOC_READ | IOC_WRITE, nr, ctypes.sizeof(struct))
 
 
-def ioc_size(cmd: int) -> int:
-    """The argument size encoded in an ioctl number (_IOC_SIZE)."""
-    return (cmd >> _IOC_SIZESHIFT) & ((1 << _IOC_SIZEBITS) - 1)
-
-
-def ioc_dir(cmd: int) -> int:
-    """The direction bits of an ioctl number (_IOC_DIR)."""
-    return (cmd >> _IOC_DIRSHIFT) & 3
-
-
-def ioc_type(cmd: int) -> int:
-    """The type byte of an ioctl number (_IOC_TYPE); KVM's is KVMIO."""
-    return (cmd >> _IOC_TYPESHIFT) & 0xFF
-
-
 KVMIO = 0xAE
 KVM_API_VERSION = 12
 PAGE_SIZE = 4096
